@@ -1,0 +1,249 @@
+"""Training state of Dynamic R-CNN: the windows S_I, S_E and the values T_now, beta_now.
+
+Paper Algorithm 1 / spec §2.3, §3.3, §4: every training iteration appends one IoU statistic to
+S_I and (when there were positives) one beta statistic to S_E; every C iterations
+
+    T_now    = max(mean(S_I), IOU_FLOOR)                    (keep T_now if S_I is empty)
+    beta_now = min(median(S_E), BETA_CAP)                   (keep beta_now if S_E is empty or
+                                                             the median is < BETA_EPS)
+
+and both windows are cleared; the new values apply from the next iteration on.
+
+Everything is kept in buffers of this module, so `DetectionCheckpointer` saves it and a resumed
+run continues exactly (spec VF-23). To make that hold for every process of a distributed run
+(the checkpoint is written by rank 0 only), every process keeps the state of *all* ranks: the
+per-iteration statistics are all-gathered (a 4-number message per iteration), each rank's row
+is updated with that rank's own statistics (``sync=False``, as in every reference code base) or
+all rows with the pooled statistics (``sync=True``). Rank r reads row r.
+
+Buffers (W = world size, C = update period):
+    iteration   () int64    executed training iterations
+    iou_thr     (W,) f64    T_now of each rank
+    beta        (W,) f64    beta_now of each rank
+    iou_window  (W, C) f64  S_I of each rank; iou_count (W,) int64 entries used
+    beta_window (W, C) f64  S_E of each rank; beta_count (W,) int64 entries used
+The windows are bounded by construction: at most one entry per iteration, cleared every C.
+"""
+import logging
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .statistics import window_median
+
+__all__ = ["DynamicTrainingState"]
+
+logger = logging.getLogger(__name__)
+
+_PER_RANK = ("iou_thr", "beta", "iou_window", "iou_count", "beta_window", "beta_count")
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+class DynamicTrainingState(nn.Module):
+    """Windows and current values of the dynamic IoU threshold and SmoothL1 beta."""
+
+    def __init__(
+        self,
+        *,
+        update_iters: int,
+        initial_iou: float,
+        iou_floor: float,
+        initial_beta: float,
+        beta_cap: float,
+        beta_eps: float,
+        median: str,
+        sync: bool,
+        world_size: Optional[int] = None,
+    ):
+        """
+        Args:
+            update_iters: C, iterations between two updates.
+            initial_iou, iou_floor: T_now before the first update; floor of T_now.
+            initial_beta, beta_cap: beta_now before the first update; cap of beta_now.
+            beta_eps: keep beta_now when the window median is below this value.
+            median: "numpy" or "upper" (see `statistics.window_median`).
+            sync: pool the statistics of all processes (every rank gets the same values).
+            world_size: number of processes; default: from torch.distributed (1 if not
+                initialized).
+        """
+        super().__init__()
+        if update_iters < 1:
+            raise ValueError(f"MODEL.DYNAMIC_RCNN.UPDATE_ITERS must be >= 1, got {update_iters}")
+        if not 0.0 < initial_iou <= 1.0 or not 0.0 < iou_floor <= 1.0:
+            raise ValueError(
+                "MODEL.DYNAMIC_RCNN.INITIAL_IOU and IOU_FLOOR must lie in (0, 1], got "
+                f"{initial_iou} and {iou_floor}"
+            )
+        if initial_beta < 0 or beta_cap < 0:
+            raise ValueError(
+                "MODEL.DYNAMIC_RCNN.INITIAL_BETA and BETA_CAP must be >= 0, got "
+                f"{initial_beta} and {beta_cap}"
+            )
+        if median not in ("numpy", "upper"):
+            raise ValueError(f"MODEL.DYNAMIC_RCNN.MEDIAN must be 'numpy' or 'upper', got {median!r}")
+        self.update_iters = int(update_iters)
+        self.iou_floor = float(iou_floor)
+        self.beta_cap = float(beta_cap)
+        self.beta_eps = float(beta_eps)
+        self.median = median
+        self.sync = bool(sync)
+        w = int(world_size) if world_size is not None else _world_size()
+        c = self.update_iters
+        f64 = torch.float64
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("iou_thr", torch.full((w,), float(initial_iou), dtype=f64))
+        self.register_buffer("beta", torch.full((w,), float(initial_beta), dtype=f64))
+        self.register_buffer("iou_window", torch.zeros((w, c), dtype=f64))
+        self.register_buffer("iou_count", torch.zeros((w,), dtype=torch.int64))
+        self.register_buffer("beta_window", torch.zeros((w, c), dtype=f64))
+        self.register_buffer("beta_count", torch.zeros((w,), dtype=torch.int64))
+
+    @property
+    def world_size(self) -> int:
+        return self.iou_thr.numel()
+
+    def current(self, rank: Optional[int] = None) -> Tuple[float, float]:
+        """(T_now, beta_now) in force for ``rank`` (default: this process)."""
+        r = _rank() if rank is None else rank
+        return float(self.iou_thr[r]), float(self.beta[r])
+
+    # ------------------------------------------------------------------ per iteration
+    @torch.no_grad()
+    def record(
+        self, iou_stat: Optional[torch.Tensor], beta_stat: Optional[torch.Tensor]
+    ) -> bool:
+        """Append this iteration's statistics (None = nothing to record) and update every C.
+
+        Must be called once per training iteration by every process (it is a collective call
+        when more than one process exists). Returns True when T_now / beta_now were updated
+        (the new values apply from the next iteration on).
+        """
+        msg = torch.zeros(4, dtype=torch.float64)
+        if iou_stat is not None:
+            msg[0], msg[1] = float(iou_stat), 1.0
+        if beta_stat is not None:
+            msg[2], msg[3] = float(beta_stat), 1.0
+        rows = self._gather(msg).to(self.iou_window.device)
+        if rows.shape[0] != self.world_size:
+            raise RuntimeError(
+                f"Dynamic R-CNN state was built for {self.world_size} process(es) but the "
+                f"process group has {rows.shape[0]}"
+            )
+        for r in range(self.world_size):
+            if rows[r, 1] > 0:
+                self.iou_window[r, self.iou_count[r]] = rows[r, 0]
+                self.iou_count[r] += 1
+            if rows[r, 3] > 0:
+                self.beta_window[r, self.beta_count[r]] = rows[r, 2]
+                self.beta_count[r] += 1
+        self.iteration += 1
+        if int(self.iteration) % self.update_iters == 0:
+            self.update()
+            return True
+        return False
+
+    @staticmethod
+    def _gather(msg: torch.Tensor) -> torch.Tensor:
+        """(W, 4) messages of all processes (W = 1 without torch.distributed)."""
+        if _world_size() == 1:
+            return msg[None]
+        device = torch.device("cuda", torch.cuda.current_device()) if (
+            dist.get_backend() == "nccl"
+        ) else torch.device("cpu")
+        msg = msg.to(device)
+        out = [torch.zeros_like(msg) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, msg)
+        return torch.stack(out).cpu()
+
+    # ------------------------------------------------------------------ window update
+    @torch.no_grad()
+    def update(self) -> None:
+        """Window update of T_now and beta_now (spec §2.3, §3.3), then clear the windows."""
+        if self.sync:
+            ious = torch.cat([self.iou_window[r, : self.iou_count[r]] for r in range(self.world_size)])
+            betas = torch.cat(
+                [self.beta_window[r, : self.beta_count[r]] for r in range(self.world_size)]
+            )
+            thr = self._new_threshold(ious, self.iou_thr[0])
+            beta = self._new_beta(betas, self.beta[0])
+            self.iou_thr.fill_(thr)
+            self.beta.fill_(beta)
+        else:
+            for r in range(self.world_size):
+                self.iou_thr[r] = self._new_threshold(
+                    self.iou_window[r, : self.iou_count[r]], self.iou_thr[r]
+                )
+                self.beta[r] = self._new_beta(
+                    self.beta_window[r, : self.beta_count[r]], self.beta[r]
+                )
+        self.iou_window.zero_()
+        self.beta_window.zero_()
+        self.iou_count.zero_()
+        self.beta_count.zero_()
+
+    def _new_threshold(self, window: torch.Tensor, old: torch.Tensor) -> float:
+        """T = max(mean(S_I), floor); the mean divides by the entries present (spec §8 item 13)."""
+        if window.numel() == 0:
+            return float(old)
+        return max(float(window.mean()), self.iou_floor)
+
+    def _new_beta(self, window: torch.Tensor, old: torch.Tensor) -> float:
+        """beta = min(median(S_E), cap); keep the old beta for an empty window or median < eps."""
+        if window.numel() == 0:
+            return float(old)
+        m = float(window_median(window, self.median))
+        if m < self.beta_eps:
+            return float(old)
+        return min(m, self.beta_cap)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept a checkpoint written with another world size or update period.
+
+        Same world size and C: loaded as is (exact resume). Otherwise rank r takes the saved
+        row ``r % W_saved`` and windows are truncated/zero-padded to C, with a warning.
+        """
+        w, c = self.world_size, self.update_iters
+        key = prefix + "iou_thr"
+        saved_w = state_dict[key].shape[0] if key in state_dict else w
+        key = prefix + "iou_window"
+        saved_c = state_dict[key].shape[1] if key in state_dict and state_dict[key].dim() == 2 else c
+        if saved_w != w or saved_c != c:
+            logger.warning(
+                f"Dynamic R-CNN state in the checkpoint has world size {saved_w} and window "
+                f"{saved_c}; this run has {w} and {c}: rank r resumes from saved rank r % {saved_w}."
+            )
+            rows = torch.arange(w) % saved_w
+            for name in _PER_RANK:
+                k = prefix + name
+                if k not in state_dict:
+                    continue
+                value = state_dict[k][rows]
+                if name.endswith("window"):
+                    fitted = torch.zeros((w, c), dtype=value.dtype)
+                    n = min(c, saved_c)
+                    fitted[:, :n] = value[:, :n]
+                    value = fitted
+                elif name.endswith("count"):
+                    value = value.clamp(max=c)
+                state_dict[k] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"update_iters={self.update_iters}, iou_floor={self.iou_floor}, "
+            f"beta_cap={self.beta_cap}, median={self.median!r}, sync={self.sync}"
+        )
