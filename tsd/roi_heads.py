@@ -1,0 +1,233 @@
+"""ROI heads with a TSD box branch (spec §1, §6–§8).
+
+* `TSDROIHeads` — Faster R-CNN / Mask R-CNN: the sibling 2fc head (Detectron2's box head and
+  `FastRCNNOutputLayers`) and the TSD head run on the same sampled RoIs in training; only TSD
+  runs at test. The mask head is Detectron2's, trained on the positive proposals P and run on
+  the TSD detections (spec §7) — `StandardROIHeads` already does exactly that.
+* `TSDCascadeROIHeads` — Cascade R-CNN with a full TSD head (+ sibling) per stage,
+  class-specific regression, refinement from the TSD boxes on P̂_r, stage loss weights and
+  test-time averaging of the stages' TSD *logits* (spec §8).
+"""
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import (
+    ROI_HEADS_REGISTRY,
+    CascadeROIHeads,
+    FastRCNNOutputLayers,
+    StandardROIHeads,
+    build_box_head,
+)
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+
+from .head import TSDHead
+
+__all__ = ["TSDROIHeads", "TSDCascadeROIHeads"]
+
+
+@ROI_HEADS_REGISTRY.register()
+class TSDROIHeads(StandardROIHeads):
+    """`StandardROIHeads` whose box branch is sibling head + TSD head (paper Eq. 9).
+
+    Training losses: ``loss_cls``, ``loss_box_reg`` (sibling), ``loss_tsd_cls``,
+    ``loss_tsd_box_reg``, ``loss_pc_cls``, ``loss_pc_loc`` (+ ``loss_mask`` with MASK_ON).
+    Inference: TSD branch only; the sibling `box_head`/`box_predictor` are not executed.
+    """
+
+    @configurable
+    def __init__(self, *, tsd_head: TSDHead, **kwargs):
+        """
+        Args:
+            tsd_head: the TSD head (offset generators, deformable pooling, task towers).
+            kwargs: `StandardROIHeads` arguments; ``box_head``/``box_predictor`` are the sibling.
+        """
+        super().__init__(**kwargs)
+        self.tsd_head = tsd_head
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        if cfg.MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES:
+            raise ValueError("TSDROIHeads: MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported")
+        return super().from_config(cfg, input_shape)
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["tsd_head"] = TSDHead(cfg, input_shape)
+        return ret
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        """Training: dict of the sibling, TSD and PC losses. Inference: TSD detections."""
+        features = [features[f] for f in self.box_in_features]
+        proposal_boxes = [x.proposal_boxes for x in proposals]
+        x = self.box_pooler(features, proposal_boxes)  # RoIAlign of P: (R, C, k, k)
+        predictions, _ = self.tsd_head(x, features, proposal_boxes)
+        if not self.training:
+            pred_instances, _ = self.tsd_head.predictor.inference(predictions, proposals)
+            return pred_instances
+        sibling = self.box_predictor(self.box_head(x))
+        losses = self.box_predictor.losses(sibling, proposals)
+        losses.update(
+            self.tsd_head.losses(
+                predictions, sibling, self.box_predictor.box2box_transform, proposals
+            )
+        )
+        return losses
+
+
+@ROI_HEADS_REGISTRY.register()
+class TSDCascadeROIHeads(CascadeROIHeads):
+    """`CascadeROIHeads` with a TSD head (+ its sibling) at every stage (spec §8).
+
+    Differences from Detectron2's cascade: class-specific regression; the next stage's boxes are
+    the TSD boxes decoded from P̂_r for the assigned class (training; background RoIs use the
+    arg-max foreground class) or the arg-max foreground class (test); per-stage losses are
+    multiplied by ``MODEL.TSD.CASCADE_STAGE_WEIGHTS``; no 1/num_stages gradient scaling; at test
+    the final scores are the softmax of the stages' averaged TSD logits.
+    """
+
+    @configurable
+    def __init__(self, *, tsd_heads: List[TSDHead], stage_loss_weights: Sequence[float], **kwargs):
+        """
+        Args:
+            tsd_heads: one TSD head per stage.
+            stage_loss_weights: multiplier of every loss of a stage.
+            kwargs: `CascadeROIHeads` arguments (sibling ``box_heads``/``box_predictors``).
+        """
+        super().__init__(**kwargs)
+        assert len(tsd_heads) == self.num_cascade_stages == len(stage_loss_weights)
+        self.tsd_head = nn.ModuleList(tsd_heads)
+        self.stage_loss_weights = [float(w) for w in stage_loss_weights]
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        """Like `CascadeROIHeads._init_box_head`, but class-specific and with TSD heads."""
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        reg_weights = cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS
+        ious = cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS
+        stage_weights = cfg.MODEL.TSD.CASCADE_STAGE_WEIGHTS
+        if not (len(reg_weights) == len(ious) == len(stage_weights)):
+            raise ValueError(
+                "TSDCascadeROIHeads: ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS, ROI_BOX_CASCADE_HEAD.IOUS"
+                f" and MODEL.TSD.CASCADE_STAGE_WEIGHTS differ in length: {len(reg_weights)}, "
+                f"{len(ious)}, {len(stage_weights)}"
+            )
+        if cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG:
+            raise ValueError(
+                "TSDCascadeROIHeads uses class-specific regression: set "
+                "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG False"
+            )
+        if ious[0] != cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0]:
+            raise ValueError("ROI_BOX_CASCADE_HEAD.IOUS[0] must equal ROI_HEADS.IOU_THRESHOLDS[0]")
+        in_channels = input_shape[in_features[0]].channels
+        box_pooler = ROIPooler(
+            output_size=resolution,
+            scales=tuple(1.0 / input_shape[k].stride for k in in_features),
+            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        )
+        pooled = ShapeSpec(channels=in_channels, width=resolution, height=resolution)
+        box_heads, box_predictors, tsd_heads, matchers = [], [], [], []
+        for iou, weights in zip(ious, reg_weights):
+            transform = Box2BoxTransform(weights=weights)
+            box_head = build_box_head(cfg, pooled)
+            box_heads.append(box_head)
+            box_predictors.append(
+                FastRCNNOutputLayers(cfg, box_head.output_shape, box2box_transform=transform)
+            )
+            tsd_heads.append(TSDHead(cfg, input_shape, box2box_transform=transform))
+            matchers.append(Matcher([iou], [0, 1], allow_low_quality_matches=False))
+        return {
+            "box_in_features": in_features,
+            "box_pooler": box_pooler,
+            "box_heads": box_heads,
+            "box_predictors": box_predictors,
+            "proposal_matchers": matchers,
+            "tsd_heads": tsd_heads,
+            "stage_loss_weights": stage_weights,
+        }
+
+    def _run_stage(self, features, proposals, stage):
+        """TSD (and in training the sibling) on one stage's RoIs; no gradient scaling.
+
+        Returns:
+            TSD predictions (scores, deltas, P̂_r) and sibling predictions (None at test).
+        """
+        proposal_boxes = [p.proposal_boxes for p in proposals]
+        x = self.box_pooler(features, proposal_boxes)
+        predictions, _ = self.tsd_head[stage](x, features, proposal_boxes)
+        sibling = None
+        if self.training:
+            sibling = self.box_predictor[stage](self.box_head[stage](x))
+        return predictions, sibling
+
+    @torch.no_grad()
+    def _refine(self, predictions, proposals, stage) -> List[torch.Tensor]:
+        """Next-stage boxes: TSD boxes on P̂_r of the assigned (training) / arg-max
+        foreground (test, and background RoIs in training) class. Per image (R_i, 4)."""
+        predictor = self.tsd_head[stage].predictor
+        scores = predictions[0]
+        classes = scores[:, :-1].argmax(dim=1)
+        if self.training and len(proposals):
+            gt = torch.cat([p.gt_classes for p in proposals])
+            fg = gt < self.num_classes
+            classes = torch.where(fg, gt, classes)
+        boxes = predictor.predict_boxes_for_classes(predictions, classes)
+        return list(boxes.split([len(p) for p in proposals]))
+
+    def _forward_box(self, features, proposals, targets=None):
+        features = [features[f] for f in self.box_in_features]
+        image_sizes = [x.image_size for x in proposals]
+        outputs = []  # (predictions, sibling, proposals)
+        prev_boxes = None
+        for k in range(self.num_cascade_stages):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(prev_boxes, image_sizes)
+                if self.training:
+                    proposals = self._match_and_label_boxes(proposals, k, targets)
+            predictions, sibling = self._run_stage(features, proposals, k)
+            if k + 1 < self.num_cascade_stages:
+                prev_boxes = self._refine(predictions, proposals, k)
+            outputs.append((predictions, sibling, proposals))
+
+        if self.training:
+            losses = {}
+            storage = get_event_storage()
+            for k, (predictions, sibling, props) in enumerate(outputs):
+                with storage.name_scope(f"stage{k}"):
+                    stage = self.box_predictor[k].losses(sibling, props)
+                    stage.update(
+                        self.tsd_head[k].losses(
+                            predictions, sibling, self.box_predictor[k].box2box_transform, props
+                        )
+                    )
+                w = self.stage_loss_weights[k]
+                losses.update({f"{name}_stage{k}": v * w for name, v in stage.items()})
+            return losses
+
+        # test: softmax of the stage-averaged TSD logits, boxes of the last stage (spec §8)
+        logits = sum(o[0][0] for o in outputs) / self.num_cascade_stages
+        predictions, _, props = outputs[-1]
+        predictor = self.tsd_head[-1].predictor
+        scores = F.softmax(logits, dim=-1).split([len(p) for p in props])
+        boxes = predictor.predict_boxes(predictions, props)
+        pred_instances, _ = fast_rcnn_inference(
+            boxes,
+            scores,
+            image_sizes,
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        return pred_instances
