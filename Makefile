@@ -1,0 +1,31 @@
+# `make setup` creates .venv (idempotent: a second run only checks the stamp file).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test demo clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements.txt tools/install_detectron2.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The whole test suite (CPU, tiny models); about 15 minutes on 2 cores.
+test: setup
+	$(PY) -m pytest tests -q -ra --durations=25
+
+# Train the quickstart Mask R-CNN on the built-in `shapes` dataset, evaluate it, and write
+# visualisations of its predictions on shapes_val to output/demo/vis.
+demo: setup
+	$(PY) train_net.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
+		OUTPUT_DIR output/demo
+	$(PY) tools/demo.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
+		--input "$$($(PY) -c 'import projects; print(projects.shapes_image_glob("shapes_val"))')" \
+		--output output/demo/vis --max-images 8 --opts MODEL.WEIGHTS output/demo/model_final.pth

@@ -1,0 +1,68 @@
+"""`train_net.py` logic: argument parsing, config setup, training and `--eval-only`."""
+import inspect
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, hooks, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ..config import load_config
+from .trainer import Trainer
+
+__all__ = ["argument_parser", "setup", "main", "run"]
+
+
+def argument_parser():
+    """Detectron2's standard parser: --config-file, --resume, --eval-only, --num-gpus,
+    --num-machines, --machine-rank, --dist-url and trailing ``KEY VALUE`` overrides."""
+    return default_argument_parser()
+
+
+def setup(args):
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    """Train (or, with ``--eval-only``, evaluate) one config; returns the evaluation results."""
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
+    return trainer.train()
+
+
+def _launch_supports_cpu_workers() -> bool:
+    # Detectron2 main (since 2023-01) starts GLOO workers without a GPU; v0.6 asserts CUDA.
+    from detectron2.engine import launch as launch_module
+
+    return "gloo" in inspect.getsource(launch_module).lower()
+
+
+def run(args):
+    """Launch ``main`` on ``args.num_gpus`` processes per machine."""
+    if args.num_gpus > 1 and not torch.cuda.is_available() and not _launch_supports_cpu_workers():
+        raise SystemExit(
+            f"--num-gpus {args.num_gpus} without CUDA needs CPU (gloo) workers, which this "
+            "Detectron2 version's launch() does not support (v0.6 requires CUDA for more than "
+            "one process). Install Detectron2 main, or run with --num-gpus 1."
+        )
+    return launch(main, args.num_gpus, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

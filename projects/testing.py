@@ -1,0 +1,120 @@
+"""Helpers for the test suite (tiny CPU models on the built-in `shapes` dataset).
+
+    cfg = load_config("configs/tsd/....yaml", TINY_RESNET_OPTS + TINY_RCNN_OPTS + [...])
+    losses = run_one_training_iteration(cfg)
+    results = train_and_evaluate(cfg, tmp_path)      # results["bbox"]["AP"]
+
+`TINY_RESNET_OPTS` make any ResNet-FPN config tiny: ResNet-18 trunk with BatchNorm trained
+from scratch (FrozenBN from random weights diverges), 64-channel FPN, 96-128 px images,
+batch 4, no loader workers, 3 classes. `TINY_RCNN_OPTS` adds small RPN/ROI settings for
+two-stage models. `SWEEP_OPTS` only shrink inputs/batch/dataset for the one-iteration sweep
+over full-size configs.
+"""
+import math
+import os
+
+import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from .config import load_config
+from .data import CheckedDatasetMapper
+from .engine import Trainer
+
+__all__ = ["TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
+           "run_one_training_iteration", "train_and_evaluate", "repo_root"]
+
+_DATA_OPTS = [
+    "MODEL.WEIGHTS", "",
+    "MODEL.DEVICE", "cpu",
+    "DATASETS.TRAIN", ("shapes_train",),
+    "DATASETS.TEST", ("shapes_val",),
+    "DATALOADER.NUM_WORKERS", 0,
+    "TEST.EVAL_PERIOD", 0,
+    "SOLVER.CHECKPOINT_PERIOD", 100000,
+]
+
+TINY_RESNET_OPTS = _DATA_OPTS + [
+    "MODEL.BACKBONE.FREEZE_AT", 0,
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, False, False, False],
+    "MODEL.RESNETS.NUM_GROUPS", 1,
+    "MODEL.RESNETS.WIDTH_PER_GROUP", 64,
+    "MODEL.FPN.OUT_CHANNELS", 64,
+    "INPUT.MIN_SIZE_TRAIN", (96, 112, 128),
+    "INPUT.MAX_SIZE_TRAIN", 192,
+    "INPUT.MIN_SIZE_TEST", 112,
+    "INPUT.MAX_SIZE_TEST", 192,
+    "SOLVER.IMS_PER_BATCH", 4,
+    "SOLVER.BASE_LR", 0.02,
+    "SOLVER.WARMUP_ITERS", 50,
+    "SOLVER.MAX_ITER", 200,
+    "SOLVER.STEPS", (160,),
+    "TEST.DETECTIONS_PER_IMAGE", 50,
+]
+
+TINY_RCNN_OPTS = [
+    "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]],
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 600,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 300,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", 300,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 128,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 128,
+    "MODEL.ROI_BOX_HEAD.FC_DIM", 256,
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", 64,
+    "MODEL.ROI_MASK_HEAD.NUM_CONV", 2,
+]
+
+SWEEP_OPTS = _DATA_OPTS + [
+    "INPUT.MIN_SIZE_TRAIN", (64,),
+    "INPUT.MAX_SIZE_TRAIN", 96,
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice",
+    "INPUT.CROP.ENABLED", False,
+    "SOLVER.IMS_PER_BATCH", 2,
+]
+
+
+def repo_root() -> str:
+    """The checkout (or installed package parent) holding `configs/` and `tools/`."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_one_training_iteration(cfg):
+    """Build ``cfg``'s model, run forward + backward on one ``DATASETS.TRAIN`` batch.
+
+    Returns ``{loss_name: float}``; raises `FloatingPointError` on a non-finite loss.
+    """
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    loader = build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+    batch = next(iter(loader))
+    with EventStorage(0):
+        losses = model(batch)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in losses.items()} }")
+        total.backward()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def train_and_evaluate(cfg, output_dir):
+    """Train ``cfg`` with the project's `Trainer` in ``output_dir`` and return the COCO results
+    of the final evaluation on ``DATASETS.TEST`` (e.g. ``res["bbox"]["AP"]``)."""
+    cfg = cfg.clone()
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.freeze()
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and math.isnan(value):
+                metrics[name] = 0.0 if name.startswith("AP") else value
+    return results
