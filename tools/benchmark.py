@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""Time several configs side by side in one run (training step, inference or data loading).
+
+Examples:
+    # inference of two methods on a synthetic 800x1333 image, 20 timed iterations
+    python tools/benchmark.py --task eval --size 800 1333 --iters 20 --warmup 3 \\
+        --config-file configs/baselines/faster_rcnn_R_50_FPN_1x.yaml configs/tsd/X.yaml
+    # one config with and without an option (a config SPEC may carry its own overrides)
+    python tools/benchmark.py --task train --size 512 512 --batch 2 --label plain MBRM \\
+        --config-file configs/rdsnet/X.yaml "configs/rdsnet/X.yaml::MODEL.RDSNET.REFINE True" \\
+        --json out/bench.json --opts MODEL.DEVICE cpu
+
+Config SPECs: each `--config-file` value is `PATH` or `PATH::KEY VALUE [KEY VALUE ...]`
+(quote a SPEC with overrides so that the shell keeps it one word). The first SPEC is the
+reference of the ratio column. Overrides apply in this order: the YAML, the global `--opts`
+(every config), then the SPEC's own overrides. `--label` gives one name per SPEC.
+
+Tasks: `train` times one training iteration (forward, backward, optimizer step of
+Trainer.build_optimizer) on a fixed synthetic batch of `--batch` HxW images (`--size`), each
+with a few random ground-truth boxes, classes and polygon masks (no dataset needed); `eval`
+times inference (model.eval(), no_grad) on `--batch` synthetic HxW images fed as-is (no
+test-time resize); `data` times one batch of Trainer.build_train_loader on the config's
+training datasets (--size/--batch unused; with DATALOADER.NUM_WORKERS > 0 the workers prefetch
+while other configs run, so use NUM_WORKERS 0 to time the mapping itself).
+
+Measurement design: every config runs in its own worker process (a fresh interpreter holding
+only that config's model), and the parent steps the workers in lock-step round-robin (A, B, A,
+B, ...), one at a time, so slow phases of a shared or noisy machine hit every config equally
+and configs never compete for cores. `--warmup` round-robin iterations are run first and not
+timed. Each worker times its own iteration (with CUDA synchronisation on GPU). Peak memory is
+clean per config: on CUDA `torch.cuda.max_memory_allocated` of the worker since the end of
+warmup; on CPU the worker's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`)
+minus its resident size just before the model was built (model, optimizer state, activations
+and allocator caches). Reported per config: median and mean seconds per iteration, ratio of
+the median to the first config's median, peak memory (MB) and parameter count.
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+SPEC_SEPARATOR = "::"
+MESSAGE_PREFIX = "@@BENCHMARK "  # worker -> parent protocol lines on the worker's stdout
+
+
+class BenchmarkError(RuntimeError):
+    """A user-facing error (bad spec, failed worker)."""
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument("--config-file", nargs="+", required=True, metavar="SPEC",
+                        help="configs to compare: PATH or 'PATH::KEY VALUE ...'; first = reference")
+    parser.add_argument("--label", nargs="+", default=None, metavar="NAME",
+                        help="one label per config (default: file name + overrides)")
+    parser.add_argument("--task", choices=["train", "eval", "data"], default="eval")
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
+                        help="synthetic image size for train/eval (default 800 1333)")
+    parser.add_argument("--batch", type=int, default=1, help="images per iteration (default 1)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per config")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per config")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads in each worker (0: torch's default)")
+    parser.add_argument("--json", default="", metavar="FILE", help="also write results as JSON")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides applied to every config (must come last)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal
+    return parser
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def parse_spec(spec, common_opts=()):
+    """`PATH[::KEY VALUE ...]` -> (path, opts), opts = common_opts + the spec's overrides."""
+    path, _, rest = spec.partition(SPEC_SEPARATOR)
+    own = shlex.split(rest) if rest else []
+    if not os.path.isfile(path):
+        hint = ""
+        if not path.endswith((".yaml", ".yml")):
+            hint = (" (a config override must be inside the quoted SPEC, e.g. "
+                    "\"X.yaml::MODEL.RDSNET.REFINE True\")")
+        raise BenchmarkError(f"config file not found: {path}{hint}")
+    if len(own) % 2:
+        raise BenchmarkError(f"SPEC {spec!r}: overrides must be KEY VALUE pairs, got {own}")
+    if len(common_opts) % 2:
+        raise BenchmarkError(f"--opts needs KEY VALUE pairs, got {list(common_opts)}")
+    return path, list(common_opts) + own
+
+
+def default_label(spec):
+    path, _, rest = spec.partition(SPEC_SEPARATOR)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return f"{name} [{rest.strip()}]" if rest.strip() else name
+
+
+class Worker:
+    """A worker subprocess benchmarking one config; see `worker_main` for the protocol."""
+
+    def __init__(self, label, job):
+        self.label, self.job = label, job
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--config-file", job["config_file"],
+             "--worker", json.dumps(job)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+
+    def send(self, command):
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # reported by receive()
+
+    def receive(self):
+        for line in self.proc.stdout:
+            if line.startswith(MESSAGE_PREFIX):
+                message = json.loads(line[len(MESSAGE_PREFIX):])
+                if message.get("error"):
+                    raise BenchmarkError(f"config {self.label!r} ({self.job['config_file']}) "
+                                         f"failed:\n{message['error']}")
+                return message
+            sys.stdout.write(line)  # the model's own prints
+        code = self.proc.wait()
+        raise BenchmarkError(f"worker for config {self.label!r} ({self.job['config_file']}) "
+                             f"exited with code {code} (see its error output above)")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, warmup=2,
+        threads=0, opts=()):
+    """Benchmark `specs` (see the module docstring) and return one result dict per config."""
+    if labels and len(labels) != len(specs):
+        raise BenchmarkError(f"{len(labels)} labels for {len(specs)} configs")
+    if iters < 1 or warmup < 0 or batch < 1:
+        raise BenchmarkError("need --iters >= 1, --warmup >= 0 and --batch >= 1")
+    labels = list(labels) if labels else [default_label(s) for s in specs]
+    jobs = []
+    for spec in specs:
+        path, config_opts = parse_spec(spec, opts)
+        jobs.append({"config_file": path, "opts": config_opts, "task": task,
+                     "size": list(size), "batch": batch, "threads": threads})
+    workers = []
+    try:
+        workers = [Worker(label, job) for label, job in zip(labels, jobs)]  # start in parallel
+        infos = [w.receive() for w in workers]  # "ready" with params, device
+        times = [[] for _ in workers]
+        for it in range(warmup + iters):
+            for i, w in enumerate(workers):  # lock-step round-robin: one config at a time
+                w.send("step")
+                seconds = w.receive()["seconds"]
+                if it >= warmup:
+                    times[i].append(seconds)
+            if it + 1 == warmup:
+                for w in workers:
+                    w.send("reset_memory")
+                    w.receive()
+        finals = []
+        for w in workers:
+            w.send("finish")
+            finals.append(w.receive())
+    finally:
+        for w in workers:
+            w.close()
+    results = []
+    for label, job, info, final, t in zip(labels, jobs, infos, finals, times):
+        results.append({
+            "label": label, "config_file": job["config_file"], "opts": job["opts"],
+            "device": info["device"], "params": info["params"], "times_s": t,
+            "median_s": statistics.median(t), "mean_s": statistics.fmean(t),
+            "peak_mem_mb": final["peak_mem_mb"], "mem_kind": final["mem_kind"],
+        })
+    for r in results:
+        r["ratio"] = r["median_s"] / results[0]["median_s"] if results[0]["median_s"] else None
+    return results
+
+
+def format_table(results):
+    from tabulate import tabulate
+
+    rows = [[r["label"], f"{r['median_s']:.4f}", f"{r['mean_s']:.4f}",
+             f"{r['ratio']:.3f}" if r["ratio"] is not None else "-",
+             f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-",
+             f"{r['params'] / 1e6:.2f}" if r["params"] is not None else "-"]
+            for r in results]
+    headers = ["config", "median s/iter", "mean s/iter", "ratio vs first", "peak mem MB",
+               "params M"]
+    return tabulate(rows, headers=headers, tablefmt="pipe")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.worker is not None:
+        return worker_main(json.loads(args.worker))
+    start = time.perf_counter()
+    results = run(args.config_file, args.label, args.task, args.size, args.batch, args.iters,
+                  args.warmup, args.threads, args.opts)
+    mem = results[0]["mem_kind"]
+    size = "" if args.task == "data" else f", {args.batch}x{args.size[0]}x{args.size[1]} images"
+    print(f"task {args.task}{size}, {args.iters} timed + {args.warmup} warmup iterations per "
+          f"config (round-robin), device {results[0]['device']}, threads "
+          f"{args.threads or 'default'}; peak memory: {mem}; "
+          f"{time.perf_counter() - start:.0f} s in total")
+    print(format_table(results))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"task": args.task, "size": args.size, "batch": args.batch,
+                       "iters": args.iters, "warmup": args.warmup, "threads": args.threads,
+                       "results": results}, f, indent=1)
+    return results
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _current_rss_kb():
+    """Resident set size of this process now, in KB (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_kb()
+
+
+def _peak_rss_kb():
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KB on Linux
+
+
+def synthetic_batch(cfg, task, size, batch, generator):
+    """`batch` Detectron2 input dicts with random HxW uint8 images; for training each has 3
+    random ground-truth objects: boxes (XYXY absolute), classes and one polygon (an 8-gon
+    inscribed in the box) per object."""
+    import torch
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+    from projects.config import NUM_CLASSES_KEYS
+
+    h, w = size
+    key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE, "MODEL.ROI_HEADS.NUM_CLASSES")
+    num_classes = cfg
+    for part in key.split("."):
+        num_classes = num_classes[part]
+    channels = len(cfg.MODEL.PIXEL_MEAN)
+    inputs = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (channels, h, w), generator=generator, dtype=torch.uint8)
+        d = {"image": image, "height": h, "width": w}
+        if task == "train":
+            n = 3
+            wh = torch.rand(n, 2, generator=generator) * 0.4 + 0.1  # 10-50% of the image
+            c = torch.rand(n, 2, generator=generator) * (1 - wh) + wh / 2
+            scale = torch.tensor([w, h], dtype=torch.float32)
+            boxes = torch.cat([(c - wh / 2) * scale, (c + wh / 2) * scale], dim=1)
+            angles = torch.arange(8, dtype=torch.float32) * (2 * torch.pi / 8)
+            polygons = []
+            for (x0, y0, x1, y1) in boxes.tolist():
+                cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+                xs, ys = cx + rx * torch.cos(angles), cy + ry * torch.sin(angles)
+                polygons.append([torch.stack([xs, ys], dim=1).flatten().numpy()])
+            instances = Instances((h, w))
+            instances.gt_boxes = Boxes(boxes)
+            instances.gt_classes = torch.randint(0, num_classes, (n,), generator=generator)
+            instances.gt_masks = PolygonMasks(polygons)
+            d["instances"] = instances
+        inputs.append(d)
+    return inputs
+
+
+def worker_main(job):
+    """Benchmark one config. Protocol: one `MESSAGE_PREFIX + json` line on stdout per command
+    read from stdin: first {"ready", "params", "device"} (or {"error"}), then for "step"
+    {"seconds"}, "reset_memory" {}, "finish" {"peak_mem_mb", "mem_kind"}."""
+
+    def reply(**message):
+        sys.stdout.write(MESSAGE_PREFIX + json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    try:
+        import torch
+        from detectron2.utils.events import EventStorage
+
+        from projects.tools_common import count_parameters, get_trainer_class, setup_cfg
+
+        if job["threads"]:
+            torch.set_num_threads(job["threads"])
+        torch.manual_seed(0)
+        cfg = setup_cfg(job["config_file"], job["opts"])
+        device = cfg.MODEL.DEVICE
+        on_cuda = device.startswith("cuda")
+        trainer_cls = get_trainer_class()
+        rss_before_kb = _current_rss_kb()
+        params = None
+        storage = EventStorage(0)
+        storage.__enter__()  # models log to the current storage during training
+        if job["task"] == "data":
+            data_iter = iter(trainer_cls.build_train_loader(cfg))
+
+            def step():
+                next(data_iter)
+        else:
+            model = trainer_cls.build_model(cfg)
+            params = count_parameters(model)
+            generator = torch.Generator().manual_seed(0)
+            inputs = synthetic_batch(cfg, job["task"], job["size"], job["batch"], generator)
+            if job["task"] == "train":
+                model.train()
+                optimizer = trainer_cls.build_optimizer(cfg, model)
+
+                def step():
+                    loss_dict = model(inputs)
+                    losses = sum(loss_dict.values())
+                    optimizer.zero_grad()
+                    losses.backward()
+                    optimizer.step()
+                    storage.step()
+            else:
+                model.eval()
+
+                def step():
+                    with torch.no_grad():
+                        model(inputs)
+        reply(ready=True, params=params, device=device)
+    except Exception:  # noqa: BLE001  (reported to the parent with the config's name)
+        import traceback
+
+        reply(error=traceback.format_exc())
+        return 1
+
+    for command in sys.stdin:
+        command = command.strip()
+        try:
+            if command == "step":
+                if on_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                reply(seconds=time.perf_counter() - start)
+            elif command == "reset_memory":
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                reply()
+            elif command == "finish":
+                if on_cuda:
+                    reply(peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20,
+                          mem_kind="CUDA max_memory_allocated")
+                else:
+                    reply(peak_mem_mb=max(0, _peak_rss_kb() - rss_before_kb) / 1024,
+                          mem_kind="CPU peak RSS increase")
+                return 0
+        except Exception:  # noqa: BLE001
+            import traceback
+
+            reply(error=traceback.format_exc())
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(main())
+    try:
+        main()
+    except BenchmarkError as e:
+        sys.exit(f"error: {e}")
