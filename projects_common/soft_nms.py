@@ -17,8 +17,9 @@ the legacy "+1" (area = (x2 - x1) * (y2 - y1)):
 The output is ordered by the decayed score (descending), as mmcv returns it.
 
 Classes are independent (`batched_soft_nms`); all classes are processed together, one pick
-per class and iteration, so the Python loop runs ``max_c(#boxes of class c)`` times rather than
-``#boxes`` times. Memory is O(C * M) for C classes of at most M boxes.
+per class and iteration, so the Python loop runs at most ``max_c(#boxes of class c)`` times
+rather than ``#boxes`` times. Memory is O(C * M) for C classes of at most M boxes; finished
+classes and discarded boxes are packed away whenever they fill half of the working grid.
 """
 from typing import Tuple
 
@@ -117,18 +118,32 @@ def batched_soft_nms(
     cur = torch.where(alive, cur, torch.full_like(cur, float("-inf")))
 
     picked_index, picked_score = [], []
-    arange_groups = torch.arange(num_groups, device=device)
-    for _ in range(m):
-        if not bool(alive.any()):
+    while True:
+        num_alive = int(alive.sum())
+        if num_alive == 0:
             break
+        if 2 * num_alive < alive.numel():
+            # Re-pack: drop finished groups and dead columns (keeping the input-index order of
+            # the live boxes, so that ties still go to the lowest index).
+            rows = alive.any(dim=1)
+            alive, cur = alive[rows], cur[rows]
+            grid_boxes, grid_index = grid_boxes[rows], grid_index[rows]
+            perm = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
+            width = int(alive.sum(dim=1).max())
+            perm = perm[:, :width]
+            alive = torch.gather(alive, 1, perm)
+            cur = torch.gather(cur, 1, perm)
+            grid_index = torch.gather(grid_index, 1, perm)
+            grid_boxes = torch.gather(grid_boxes, 1, perm[..., None].expand(-1, -1, 4))
+        rows_idx = torch.arange(alive.shape[0], device=device)
         best_score, best = cur.max(dim=1)  # first maximum = lowest input index among ties
-        has = alive[arange_groups, best]
-        picked_index.append(grid_index[arange_groups, best][has])
+        has = alive[rows_idx, best]
+        picked_index.append(grid_index[rows_idx, best][has])
         picked_score.append(best_score[has])
-        alive[arange_groups, best] = False
-        cur[arange_groups, best] = float("-inf")
+        alive[rows_idx, best] = False
+        cur[rows_idx, best] = float("-inf")
 
-        iou = _iou_one_to_many(grid_boxes[arange_groups, best], grid_boxes)
+        iou = _iou_one_to_many(grid_boxes[rows_idx, best], grid_boxes)
         if method == "linear":
             weight = torch.where(iou >= iou_threshold, 1.0 - iou, torch.ones_like(iou))
         elif method == "gaussian":
