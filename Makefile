@@ -24,8 +24,10 @@ test: setup
 # Train the quickstart Mask R-CNN on the built-in `shapes` dataset, evaluate it, and write
 # visualisations of its predictions on shapes_val to output/demo/vis.
 demo: setup
+	@start=$$(date +%s); \
 	$(PY) train_net.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
-		OUTPUT_DIR output/demo
+		OUTPUT_DIR output/demo && \
+	echo "make demo: trained and evaluated in $$(( $$(date +%s) - start )) s" && \
 	$(PY) tools/demo.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
 		--input "$$($(PY) -c 'import projects; print(projects.shapes_image_glob("shapes_val"))')" \
 		--output output/demo/vis --max-images 8 --opts MODEL.WEIGHTS output/demo/model_final.pth

@@ -48,7 +48,7 @@ def _all_keys(node, prefix=""):
 
 def _explain_key_error(cfg, err, source):
     msg = str(err.args[0]) if err.args else str(err)
-    bad = msg.rsplit(":", 1)[-1].strip() if "Non-existent config key" in msg else ""
+    bad = msg.rsplit(":", 1)[-1].strip() if "Non-existent" in msg else ""
     hint = difflib.get_close_matches(bad, list(_all_keys(cfg)), n=3, cutoff=0.6) if bad else []
     text = f"{source}: {msg}"
     if hint:
@@ -70,7 +70,7 @@ def load_config(config_file=None, opts=(), cfg=None):
             raise ValueError(f"config overrides must be KEY VALUE pairs, got {list(opts)}")
         try:
             cfg.merge_from_list(list(opts))
-        except KeyError as e:
+        except (KeyError, AssertionError) as e:  # yacs asserts on unknown override keys
             raise _explain_key_error(cfg, e, "command-line override") from e
     resolve_device(cfg)
     return cfg

@@ -23,7 +23,7 @@ from .data import CheckedDatasetMapper
 from .engine import Trainer
 
 __all__ = ["TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
-           "run_one_training_iteration", "train_and_evaluate", "repo_root"]
+           "run_one_training_iteration", "train_and_evaluate", "repo_root", "ddp_train_worker"]
 
 _DATA_OPTS = [
     "MODEL.WEIGHTS", "",
@@ -118,3 +118,28 @@ def train_and_evaluate(cfg, output_dir):
             if isinstance(value, float) and math.isnan(value):
                 metrics[name] = 0.0 if name.startswith("AP") else value
     return results
+
+
+def ddp_train_worker(rank, world_size, port, out_dir, config_file, opts):
+    """Process ``rank`` of a CPU (gloo) DDP run of `Trainer` (for ``mp.start_processes``).
+
+    Saves ``{"ddp": wrapped in DDP?, "params": state_dict}`` to ``out_dir/rank<rank>.pt``.
+    Each rank starts from a different random init: DDP must broadcast rank 0's weights.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        cfg = load_config(config_file, list(opts) + ["OUTPUT_DIR", os.path.join(out_dir, str(rank))])
+        cfg.freeze()
+        torch.manual_seed(rank)
+        trainer = Trainer(cfg)
+        trainer.train()
+        model = trainer.model
+        torch.save({"ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel),
+                    "params": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
