@@ -141,7 +141,8 @@ class TSDOutputLayers(FastRCNNOutputLayers):
         _, deltas, translated = predictions
         R = deltas.shape[0]
         if deltas.shape[1] != 4:  # class-specific regression
-            deltas = deltas.view(R, -1, 4)[torch.arange(R, device=deltas.device), classes]
+            rows = torch.arange(R, device=deltas.device)
+            deltas = deltas.view(R, deltas.shape[1] // 4, 4)[rows, classes]
         return self.box2box_transform.apply_deltas(deltas, translated)
 
     def predict_boxes_for_gt_classes(self, predictions, proposals: List[Instances]):
@@ -345,7 +346,7 @@ class TSDHead(nn.Module):
         if sib_deltas.shape[1] == 4:  # class-agnostic sibling
             sib_sel = sib_deltas
         else:
-            sib_sel = sib_deltas.view(R, -1, 4)[rows, cls_idx]
+            sib_sel = sib_deltas.view(R, sib_deltas.shape[1] // 4, 4)[rows, cls_idx]
         sibling_boxes = sibling_box2box.apply_deltas(sib_sel.detach(), P)
         tsd_boxes = self.predictor.predict_boxes_for_classes(predictions, cls_idx)
         losses["loss_pc_loc"] = pc_loc_loss(

@@ -217,6 +217,26 @@ class TestTrainEval(unittest.TestCase):
             rh.box_head.load_state_dict({k[2:]: v for k, v in saved.items()
                                          if k.startswith("h.")})
 
+    def test_zero_proposals(self):
+        t = self.model.roi_heads.tsd_head
+        feats = [torch.randn(1, 32, 16 // 2 ** i, 16 // 2 ** i) for i in range(4)]
+        empty = Boxes(torch.zeros(0, 4))
+        t.train()
+        predictions, (dc, dr) = t(torch.zeros(0, 32, 7, 7), feats, [empty])
+        self.assertEqual(tuple(predictions[0].shape), (0, 4))
+        self.assertEqual(tuple(t.predictor.predict_boxes_for_classes(
+            predictions, torch.zeros(0, dtype=torch.long)).shape), (0, 4))
+        props = Instances((16, 16))
+        props.proposal_boxes = empty
+        props.gt_classes = torch.zeros(0, dtype=torch.long)
+        sibling = (torch.zeros(0, 4), torch.zeros(0, 12))
+        with EventStorage():
+            losses = t.losses(predictions, sibling, t.predictor.box2box_transform, [props])
+        self.assertEqual(set(losses), {"loss_tsd_cls", "loss_tsd_box_reg", "loss_pc_cls",
+                                       "loss_pc_loc"})
+        for v in losses.values():
+            self.assertEqual(v.item(), 0.0)
+
     def test_zero_offsets_pool_plain(self):  # fact 5 through the head
         t = self.model.roi_heads.tsd_head
         torch.manual_seed(2)
