@@ -23,6 +23,10 @@ test-time resize); `data` times one batch of Trainer.build_train_loader on the c
 training datasets (--size/--batch unused; with DATALOADER.NUM_WORKERS > 0 the workers prefetch
 while other configs run, so use NUM_WORKERS 0 to time the mapping itself).
 
+MODEL.WEIGHTS is loaded when it can be (trained weights make the number of detections, hence
+post-processing time, realistic); otherwise the worker warns and keeps the random
+initialisation (JSON field `weights_loaded`).
+
 Measurement design: every config runs in its own worker process (a fresh interpreter holding
 only that config's model), and the parent steps the workers in lock-step round-robin (A, B, A,
 B, ...), one at a time, so slow phases of a shared or noisy machine hit every config equally
@@ -178,7 +182,8 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
     for label, job, info, final, t in zip(labels, jobs, infos, finals, times):
         results.append({
             "label": label, "config_file": job["config_file"], "opts": job["opts"],
-            "device": info["device"], "params": info["params"], "times_s": t,
+            "device": info["device"], "params": info["params"],
+            "weights_loaded": info["weights_loaded"], "times_s": t,
             "median_s": statistics.median(t), "mean_s": statistics.fmean(t),
             "peak_mem_mb": final["peak_mem_mb"], "mem_kind": final["mem_kind"],
         })
@@ -214,6 +219,11 @@ def main(argv=None):
           f"{args.threads or 'default'}; peak memory: {mem}; "
           f"{time.perf_counter() - start:.0f} s in total")
     print(format_table(results))
+    random_init = [r["label"] for r in results if r["params"] is not None
+                   and not r["weights_loaded"]]
+    if random_init:
+        print("random initialisation (MODEL.WEIGHTS empty or not loadable): "
+              + ", ".join(random_init))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -294,7 +304,12 @@ def worker_main(job):
         import torch
         from detectron2.utils.events import EventStorage
 
-        from projects.tools_common import count_parameters, get_trainer_class, setup_cfg
+        from projects.tools_common import (
+            count_parameters,
+            get_trainer_class,
+            setup_cfg,
+            try_load_weights,
+        )
 
         if job["threads"]:
             torch.set_num_threads(job["threads"])
@@ -304,7 +319,7 @@ def worker_main(job):
         on_cuda = device.startswith("cuda")
         trainer_cls = get_trainer_class()
         rss_before_kb = _current_rss_kb()
-        params = None
+        params, weights_loaded = None, False
         storage = EventStorage(0)
         storage.__enter__()  # models log to the current storage during training
         if job["task"] == "data":
@@ -315,6 +330,7 @@ def worker_main(job):
         else:
             model = trainer_cls.build_model(cfg)
             params = count_parameters(model)
+            weights_loaded = try_load_weights(model, cfg.MODEL.WEIGHTS)
             generator = torch.Generator().manual_seed(0)
             inputs = synthetic_batch(cfg, job["task"], job["size"], job["batch"], generator)
             if job["task"] == "train":
@@ -334,7 +350,7 @@ def worker_main(job):
                 def step():
                     with torch.no_grad():
                         model(inputs)
-        reply(ready=True, params=params, device=device)
+        reply(ready=True, params=params, device=device, weights_loaded=weights_loaded)
     except Exception:  # noqa: BLE001  (reported to the parent with the config's name)
         import traceback
 

@@ -137,6 +137,11 @@ def run(cfg, files, output=""):
 
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
     class_names = metadata.get("thing_classes", None)
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: predicting with a randomly initialised model")
+    elif "://" not in weights and not os.path.isfile(weights):
+        raise ToolError(f"MODEL.WEIGHTS file not found: {weights}")
     predictor = DefaultPredictor(cfg)
     if output:
         os.makedirs(output, exist_ok=True)

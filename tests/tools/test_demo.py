@@ -55,6 +55,12 @@ def test_unreadable_image_error_names_file(demo, tmp_path):
         demo.read_bgr(str(bad))
 
 
+def test_missing_weights_file_is_named(demo, tmp_path, tiny_config):
+    cfg = setup_cfg(tiny_config, ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
+    with pytest.raises(ToolError, match="model_final.pth"):
+        demo.run(cfg, [])
+
+
 def test_confidence_threshold_routed_to_every_method_key(demo, tiny_config):
     cfg = setup_cfg(tiny_config, freeze=False)
     keys = demo.set_confidence_threshold(cfg, 0.37)
