@@ -73,3 +73,26 @@ def random_batch(num_images=2, size=(96, 128), num_boxes=(2, 0), seed=0, masks=F
 def build(cfg, seed=0):
     torch.manual_seed(seed)
     return build_model(cfg)
+
+
+_R50_HEADS = {}
+
+
+def r50_heads():
+    """The full-size R-50 FPN TSDROIHeads for COCO (80 classes), built once per session."""
+    if "heads" not in _R50_HEADS:
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling.roi_heads import build_roi_heads
+
+        cfg = get_cfg()
+        add_tsd_config(cfg)
+        cfg.MODEL.ROI_HEADS.NAME = "TSDROIHeads"
+        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+        shapes = {f"p{lvl}": ShapeSpec(channels=256, stride=2 ** lvl) for lvl in (2, 3, 4, 5)}
+        torch.manual_seed(0)
+        _R50_HEADS["heads"] = build_roi_heads(cfg, shapes)
+    return _R50_HEADS["heads"]

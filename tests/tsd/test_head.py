@@ -4,19 +4,15 @@ import math
 import unittest
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import tsd_tiny
-from tsd import TSDROIHeads, add_tsd_config
+from tsd import TSDROIHeads
 from tsd.geometry import translate_boxes
 from tsd.head import TSDOutputLayers
-
-FPN_SHAPE = {f"p{l}": ShapeSpec(channels=256, stride=2 ** l) for l in (2, 3, 4, 5, 6)}
 
 
 def _n(module):
@@ -26,16 +22,7 @@ def _n(module):
 class TestR50HeadSize(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cfg = get_cfg()
-        add_tsd_config(cfg)
-        cfg.MODEL.ROI_HEADS.NAME = "TSDROIHeads"
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
-        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-        torch.manual_seed(0)
-        cls.heads = build_roi_heads(cfg, FPN_SHAPE)
+        cls.heads = tsd_tiny.r50_heads()
 
     def test_parameter_counts(self):  # facts 2, 3
         h = self.heads
