@@ -295,8 +295,9 @@ def run(cfg, tasks, num_inputs=10, input_size=None, backbone_only=False):
                 results.update(r)
             if "activation" in tasks:
                 r = analyze_activations(model, inputs)
+                per_op = r["mactivations_by_operator"]
                 print("activations per operator (M): "
-                      + ", ".join(f"{k}: {v:.2f}" for k, v in r["mactivations_by_operator"].items()))
+                      + ", ".join(f"{k}: {v:.2f}" for k, v in per_op.items()))
                 print(f"activations: {r['mactivations']:.3f} ± {r['mactivations_std']:.3f} M "
                       f"(mean over {src})")
                 results.update(r)

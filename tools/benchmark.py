@@ -4,10 +4,12 @@
 Examples:
     # inference of two methods on a synthetic 800x1333 image, 20 timed iterations
     python tools/benchmark.py --task eval --size 800 1333 --iters 20 --warmup 3 \\
-        --config-file configs/baselines/faster_rcnn_R_50_FPN_1x.yaml configs/tsd/X.yaml
+        --config-file configs/tsd/baseline_faster_rcnn_R_50_FPN_1x.yaml \\
+        configs/tsd/tsd_faster_rcnn_R_50_FPN_1x.yaml
     # one config with and without an option (a config SPEC may carry its own overrides)
-    python tools/benchmark.py --task train --size 512 512 --batch 2 --label plain MBRM \\
-        --config-file configs/rdsnet/X.yaml "configs/rdsnet/X.yaml::MODEL.RDSNET.REFINE True" \\
+    python tools/benchmark.py --task eval --size 800 1333 --label plain MBRM \\
+        --config-file configs/rdsnet/rdsnet_R_50_FPN_1x.yaml \\
+        "configs/rdsnet/rdsnet_R_50_FPN_1x.yaml::MODEL.RDSNET.MBRM.ENABLED True" \\
         --json out/bench.json --opts MODEL.DEVICE cpu
 
 Config SPECs: each `--config-file` value is `PATH` or `PATH::KEY VALUE [KEY VALUE ...]`
@@ -65,7 +67,9 @@ def get_parser():
                         help="configs to compare: PATH or 'PATH::KEY VALUE ...'; first = reference")
     parser.add_argument("--label", nargs="+", default=None, metavar="NAME",
                         help="one label per config (default: file name + overrides)")
-    parser.add_argument("--task", choices=["train", "eval", "data"], default="eval")
+    parser.add_argument("--task", choices=["train", "eval", "data"], default="eval",
+                        help="train: training iteration; eval: inference; data: one batch of "
+                             "the training data loader (default eval)")
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
                         help="synthetic image size for train/eval (default 800 1333)")
     parser.add_argument("--batch", type=int, default=1, help="images per iteration (default 1)")
@@ -91,7 +95,7 @@ def parse_spec(spec, common_opts=()):
         hint = ""
         if not path.endswith((".yaml", ".yml")):
             hint = (" (a config override must be inside the quoted SPEC, e.g. "
-                    "\"X.yaml::MODEL.RDSNET.REFINE True\")")
+                    "\"X.yaml::MODEL.RDSNET.MBRM.ENABLED True\")")
         raise BenchmarkError(f"config file not found: {path}{hint}")
     if len(own) % 2:
         raise BenchmarkError(f"SPEC {spec!r}: overrides must be KEY VALUE pairs, got {own}")

@@ -70,7 +70,8 @@ def collect_inputs(inputs, max_images=0):
                 if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f))
             )
             if not found:
-                raise ToolError(f"input folder {item} contains no image ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ToolError(f"input folder {item} contains no image "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
         elif glob.has_magic(item):
             found = sorted(f for f in glob.glob(os.path.expanduser(item)) if os.path.isfile(f))
             if not found:

@@ -2,8 +2,8 @@
 """Draw the ground truth of a config's training datasets, to check annotations and augmentation.
 
 Examples:
-    python tools/visualize_data.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \\
-        --source annotation --output-dir out/gt --num 20
+    python tools/visualize_data.py --source annotation --output-dir out/gt --num 20 \\
+        --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml
     python tools/visualize_data.py --config-file X.yaml --source dataloader --output-dir out/aug
 
 `--source annotation` draws the raw dataset dicts of cfg.DATASETS.TRAIN (original images, all
@@ -72,7 +72,9 @@ def draw_training_sample(sample, metadata, input_format):
         return visualizer.output.get_image()
     names = metadata.get("thing_classes", None)
     classes = instances.gt_classes.tolist() if instances.has("gt_classes") else None
-    labels = [names[c] if names and c < len(names) else str(c) for c in classes] if classes else None
+    labels = None
+    if classes:
+        labels = [names[c] if names and c < len(names) else str(c) for c in classes]
     masks = None
     if instances.has("gt_masks"):
         gt_masks = instances.gt_masks

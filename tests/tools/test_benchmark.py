@@ -16,10 +16,10 @@ def bench(load_tool):
 
 
 def test_parse_spec(bench, tiny_config):
-    path, opts = bench.parse_spec(tiny_config + "::MODEL.RDSNET.REFINE True  A 'x y'",
+    path, opts = bench.parse_spec(tiny_config + "::MODEL.RDSNET.MBRM.ENABLED True  A 'x y'",
                                   ["MODEL.DEVICE", "cpu"])
     assert path == tiny_config
-    assert opts == ["MODEL.DEVICE", "cpu", "MODEL.RDSNET.REFINE", "True", "A", "x y"]
+    assert opts == ["MODEL.DEVICE", "cpu", "MODEL.RDSNET.MBRM.ENABLED", "True", "A", "x y"]
     assert bench.default_label(tiny_config + "::MODEL.MASK_ON False") == \
         "tiny_mask_rcnn_R_18_FPN [MODEL.MASK_ON False]"
 
