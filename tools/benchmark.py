@@ -136,7 +136,7 @@ class Worker:
                     raise BenchmarkError(f"config {self.label!r} ({self.job['config_file']}) "
                                          f"failed:\n{message['error']}")
                 return message
-            sys.stdout.write(line)  # the model's own prints
+            sys.stderr.write(line)  # not a protocol line (should not happen)
         code = self.proc.wait()
         raise BenchmarkError(f"worker for config {self.label!r} ({self.job['config_file']}) "
                              f"exited with code {code} (see its error output above)")
@@ -296,13 +296,20 @@ def synthetic_batch(cfg, task, size, batch, generator):
 
 
 def worker_main(job):
-    """Benchmark one config. Protocol: one `MESSAGE_PREFIX + json` line on stdout per command
-    read from stdin: first {"ready", "params", "device"} (or {"error"}), then for "step"
+    """Benchmark one config. Protocol: one `MESSAGE_PREFIX + json` line on the original
+    stdout per command read from stdin (all other output goes to stderr): first {"ready", "params", "device"} (or {"error"}), then for "step"
     {"seconds"}, "reset_memory" {}, "finish" {"peak_mem_mb", "mem_kind"}."""
 
+    # The protocol owns the original stdout; everything else the worker (or the model, at
+    # Python or C level) writes to stdout goes to stderr instead.
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
     def reply(**message):
-        sys.stdout.write(MESSAGE_PREFIX + json.dumps(message) + "\n")
-        sys.stdout.flush()
+        protocol.write(MESSAGE_PREFIX + json.dumps(message) + "\n")
+        protocol.flush()
 
     try:
         import torch
