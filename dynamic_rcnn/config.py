@@ -44,3 +44,8 @@ def add_dynamic_rcnn_config(cfg):
     # False: every process keeps its own statistics (as every reference). True: the statistics
     # are gathered over all processes so every rank uses the same T_now and beta_now.
     _C.SYNC_STATS = False
+    # Test-time augmentation (TEST.AUG.ENABLED): besides Detectron2's TEST.AUG.MIN_SIZES passes
+    # at TEST.AUG.MAX_SIZE, also run the standard INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST pass (and
+    # its flip with TEST.AUG.FLIP), as the authors' multi-scale test does (800/1333 + 800..1600
+    # at max 2000).
+    _C.TTA_ADD_TEST_SIZE = False

@@ -123,9 +123,10 @@ class DynamicROIHeads(StandardROIHeads):
         iou_stat, beta_stat = self._pending
         self._pending = (None, None)
 
+        # the values in force are logged as they are (no smoothing over the writer's window)
         storage = get_event_storage()
-        storage.put_scalar("dynamic_rcnn/iou_thr", iou_thr)
-        storage.put_scalar("dynamic_rcnn/beta", beta)
+        storage.put_scalar("dynamic_rcnn/iou_thr", iou_thr, smoothing_hint=False)
+        storage.put_scalar("dynamic_rcnn/beta", beta, smoothing_hint=False)
         if iou_stat is not None:
             storage.put_scalar("dynamic_rcnn/iou_stat", float(iou_stat))
         if beta_stat is not None:
