@@ -13,7 +13,9 @@ mmdet key                                   Detectron2 key
 ``backbone.layer{s}.0.downsample.{0,1}``    ``backbone.bottom_up.res{s+1}.0.shortcut[.norm]``
 ``neck.lateral_convs.{i}.conv.*``           ``backbone.fpn_lateral{i+2}.*``
 ``neck.fpn_convs.{i}.conv.*``               ``backbone.fpn_output{i+2}.*``
-``rpn_head.rpn_{conv,cls,reg}.*``           ``proposal_generator.rpn_head.{conv,objectness_logits,anchor_deltas}.*``
+``rpn_head.rpn_conv.*``                    ``proposal_generator.rpn_head.conv.*``
+``rpn_head.rpn_cls.*``                     ``proposal_generator.rpn_head.objectness_logits.*``
+``rpn_head.rpn_reg.*``                     ``proposal_generator.rpn_head.anchor_deltas.*``
 ``roi_head.bbox_head.0.fc_cls.*``           ``roi_heads.box_predictor.cls_score.*``
 ``roi_head.bbox_head.0.fc_reg.*``           ``roi_heads.box_predictor.bbox_pred.*``
 ``roi_head.bbox_head.0.cls_fcs.{j}.*``      ``roi_heads.box_head_cls.fc{j+1}.*``
@@ -44,8 +46,12 @@ from projects_common.checkpoint import (
     save_converted_checkpoint,
 )
 
-__all__ = ["mmdet_to_d2_key", "convert_decoupled_rcnn_state_dict", "convert_decoupled_rcnn_checkpoint",
-           "ROI_HEAD_TENSORS"]
+__all__ = [
+    "ROI_HEAD_TENSORS",
+    "convert_decoupled_rcnn_checkpoint",
+    "convert_decoupled_rcnn_state_dict",
+    "mmdet_to_d2_key",
+]
 
 # Spec §9.4: 12 stage-0 tensors + 6 per refine stage.
 ROI_HEAD_TENSORS = 24

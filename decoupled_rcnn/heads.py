@@ -91,7 +91,8 @@ class DecoupledOutputLayers(FastRCNNOutputLayers):
         super().__init__(input_shape, **kwargs)
         if test_nms_type not in TEST_NMS_TYPES:
             raise ValueError(
-                f"MODEL.DECOUPLED_RCNN.TEST_NMS_TYPE={test_nms_type!r} is not one of {TEST_NMS_TYPES}"
+                f"MODEL.DECOUPLED_RCNN.TEST_NMS_TYPE={test_nms_type!r} is not one of "
+                f"{TEST_NMS_TYPES}"
             )
         if self.bbox_pred.out_features != 4 * self.num_classes:
             raise ValueError("Decoupled R-CNN's stage-0 regression is class-specific; "
@@ -167,7 +168,8 @@ class DecoupledOutputLayers(FastRCNNOutputLayers):
             return
         storage = get_event_storage()
         pred = scores.argmax(dim=1)
-        storage.put_scalar("decoupled_rcnn/cls_accuracy", (pred == gt_classes).float().mean().item())
+        acc = (pred == gt_classes).float().mean().item()
+        storage.put_scalar("decoupled_rcnn/cls_accuracy", acc)
         fg = gt_classes < self.num_classes
         if fg.any():
             acc = (pred[fg] == gt_classes[fg]).float().mean().item()
@@ -265,5 +267,6 @@ class RefineOutputLayers(FastRCNNOutputLayers):
             gt_classes = torch.zeros(0, dtype=torch.int64, device=deltas.device)
             proposal_boxes = gt_boxes = torch.zeros((0, 4), device=deltas.device)
         name = f"loss_box_reg_s{self.stage}"
-        loss = self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes) / self.loss_normalizer
+        loss = self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes)
+        loss = loss / self.loss_normalizer
         return {name: loss * self.loss_weight.get(name, 1.0)}

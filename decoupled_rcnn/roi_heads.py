@@ -152,7 +152,8 @@ class DecoupledROIHeads(StandardROIHeads):
         """
         kwargs.setdefault("box_head", None)
         super().__init__(**kwargs)
-        if len(refine_heads) != len(refine_predictors) or len(reg_matchers) != len(refine_heads) + 1:
+        n = len(refine_heads)
+        if len(refine_predictors) != n or len(reg_matchers) != n + 1:
             raise ValueError(
                 f"{len(refine_heads)} refine heads, {len(refine_predictors)} refine predictors and "
                 f"{len(reg_matchers)} regression matchers: need n, n and n + 1"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from decoupled_rcnn import DecoupledROIHeads, DualNMSRPN
