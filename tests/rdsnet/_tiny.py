@@ -17,3 +17,10 @@ TINY_RDSNET_OPTS = TINY_RESNET_OPTS + [
 def tiny_cfg(config="rdsnet_R_50_FPN_1x.yaml", opts=()):
     """A tiny CPU config on `shapes` from one of the package's YAMLs (unfrozen)."""
     return load_config(os.path.join(CONFIG_DIR, config), TINY_RDSNET_OPTS + list(opts))
+
+
+def train_and_evaluate(cfg, output_dir):
+    """`projects.testing.train_and_evaluate` (re-exported for the tests of this directory)."""
+    from projects.testing import train_and_evaluate as run
+
+    return run(cfg, output_dir)
