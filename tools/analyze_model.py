@@ -220,12 +220,19 @@ def build_inputs(cfg, num_inputs, input_size):
         raise ToolError("DATASETS.TEST is empty: pass --input-size H W or a test dataset")
     if num_inputs <= 0:
         raise ToolError(f"--num-inputs must be positive, got {num_inputs}")
-    loader = get_trainer_class().build_test_loader(cfg, cfg.DATASETS.TEST[0])
-    inputs = []
-    for batch in loader:
-        inputs.append(batch)
-        if len(inputs) >= num_inputs:
-            break
+    name = cfg.DATASETS.TEST[0]
+    try:
+        loader = get_trainer_class().build_test_loader(cfg, name)
+        inputs = []
+        for batch in loader:
+            inputs.append(batch)
+            if len(inputs) >= num_inputs:
+                break
+    except (OSError, KeyError) as e:  # dataset files missing / dataset not registered
+        raise ToolError(
+            f"cannot load test dataset {name!r} ({type(e).__name__}: {e}); pass --input-size "
+            "H W for a synthetic image, or another dataset, e.g. "
+            "--opts DATASETS.TEST \"('shapes_val',)\"") from e
     return inputs
 
 
@@ -279,11 +286,13 @@ def run(cfg, tasks, num_inputs=10, input_size=None, backbone_only=False):
         results.update(r)
         return results
 
+    inputs = None
+    if "flop" in tasks or "activation" in tasks:  # inputs first: fail fast without a dataset
+        inputs = build_inputs(cfg, num_inputs, input_size)
     model = build_model(cfg)
     try_load_weights(model, cfg.MODEL.WEIGHTS)
     model.eval()
-    if "flop" in tasks or "activation" in tasks:
-        inputs = build_inputs(cfg, num_inputs, input_size)
+    if inputs is not None:
         src = (f"synthetic {input_size[0]}x{input_size[1]} image" if input_size
                else f"{len(inputs)} images of {cfg.DATASETS.TEST[0]}")
         with torch.no_grad():

@@ -70,5 +70,8 @@ def test_backbone_only_counts_frozen_bn_and_needs_size(analyze, tiny_config):
     assert frozen["gflops"] == pytest.approx(bn["gflops"])
     with pytest.raises(ToolError, match="--input-size"):
         analyze.run(cfg, ["flop"], backbone_only=True)
+    with pytest.raises(ToolError, match="no_such_dataset.*--input-size"):
+        analyze.build_inputs(setup_cfg(tiny_config, ["DATASETS.TEST", "('no_such_dataset',)"]),
+                             1, None)
     with pytest.raises(ToolError, match="structure"):
         analyze.run(cfg, ["structure"], input_size=(64, 64), backbone_only=True)
