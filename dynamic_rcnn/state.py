@@ -142,13 +142,14 @@ class DynamicTrainingState(nn.Module):
                 f"Dynamic R-CNN state was built for {self.world_size} process(es) but the "
                 f"process group has {rows.shape[0]}"
             )
-        for r in range(self.world_size):
-            if rows[r, 1] > 0:
-                self.iou_window[r, self.iou_count[r]] = rows[r, 0]
-                self.iou_count[r] += 1
-            if rows[r, 3] > 0:
-                self.beta_window[r, self.beta_count[r]] = rows[r, 2]
-                self.beta_count[r] += 1
+        for window, count, value, present in (
+            (self.iou_window, self.iou_count, rows[:, 0], rows[:, 1] > 0),
+            (self.beta_window, self.beta_count, rows[:, 2], rows[:, 3] > 0),
+        ):
+            ranks = present.nonzero()[:, 0].to(window.device)
+            if ranks.numel():
+                window[ranks, count[ranks]] = value[present].to(window)
+                count[ranks] += 1
         self.iteration += 1
         if int(self.iteration) % self.update_iters == 0:
             self.update()
