@@ -16,6 +16,12 @@ def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def meta(**kw):
+    """Build on the meta device: shapes and counts only, no memory or initialisation cost."""
+    with torch.device("meta"):
+        return build_res2net(**kw)
+
+
 def tiny(**kw):
     """Small widths (same depth/topology) for shape checks that do not depend on width."""
     args = dict(base_width=4, scale=4, stem_out_channels=16, res2_out_channels=32, norm="BN")
@@ -40,7 +46,7 @@ def r2_50_v1():
 def test_channels_and_strides_per_stage():
     # §7 item 1: 256/512/1024/2048 at strides 4/8/16/32, stem 64 ch at stride 4 (v1 and v1b).
     for variant in ("v1", "v1b"):
-        shapes = build_res2net(variant=variant, out_features=["stem"] + STAGES).output_shape()
+        shapes = meta(variant=variant, out_features=["stem"] + STAGES).output_shape()
         assert {k: (s.channels, s.stride) for k, s in shapes.items()} == {
             "stem": (64, 4), "res2": (256, 4), "res3": (512, 8), "res4": (1024, 16),
             "res5": (2048, 32),
@@ -108,27 +114,26 @@ TRUNK_PARAMS = [
 
 @pytest.mark.parametrize("variant,depth,width,scale,expected", TRUNK_PARAMS)
 def test_exact_trunk_parameter_counts(variant, depth, width, scale, expected):
-    model = build_res2net(variant=variant, depth=depth, base_width=width, scale=scale, norm="BN")
+    model = meta(variant=variant, depth=depth, base_width=width, scale=scale, norm="BN")
     assert n_params(model) == expected
 
 
 def test_parameter_counts_with_fc_per_stage_and_conv_only(r2_50_v1):
     # §7 item 7 (with fc), §3 per-part table and single-block check, conv-only count.
-    with_fc = build_res2net(variant="v1", norm="BN", num_classes=1000)
+    with_fc = meta(variant="v1", norm="BN", num_classes=1000)
     assert n_params(with_fc) == 25_699_120
-    bn = build_res2net(variant="v1", norm="BN")
+    bn = meta(variant="v1", norm="BN")
     parts = [n_params(bn.stem)] + [n_params(getattr(bn, s)) for s in STAGES]
     assert parts == [9_536, 214_056, 1_229_856, 7_198_368, 14_998_304]
     assert n_params(bn.res2[0]) == 69_304 and n_params(bn.res2[1]) == 72_376
     # With FrozenBN only the conv weights are parameters (what d2 counts as trainable).
     assert n_params(r2_50_v1) == 23_590_628
-    v1b = build_res2net(variant="v1b", norm="FrozenBN")
-    assert n_params(v1b) == 23_609_732
-    assert n_params(build_res2net(variant="v1b", depth=101, norm="FrozenBN")) == 43_057_732
+    assert n_params(meta(variant="v1b", norm="FrozenBN")) == 23_609_732
+    assert n_params(meta(variant="v1b", depth=101, norm="FrozenBN")) == 43_057_732
 
 
 def test_v1b_stem_parameters():
-    assert n_params(build_res2net(variant="v1b", norm="BN").stem) == 28_768
+    assert n_params(meta(variant="v1b", norm="BN").stem) == 28_768
 
 
 @pytest.mark.parametrize(
@@ -138,14 +143,14 @@ def test_v1b_stem_parameters():
 )
 def test_tensor_counts_frozen_bn(variant, depth, width, scale, expected):
     # §4.5 / §7 item 9: FrozenBN saves weight, bias, running_mean, running_var (no counter).
-    model = build_res2net(variant=variant, depth=depth, base_width=width, scale=scale)
+    model = meta(variant=variant, depth=depth, base_width=width, scale=scale)
     assert len(model.state_dict()) == expected
 
 
 def test_bn_adds_one_counter_per_norm():
     # §4.5: 85 BN layers in R2-50 v1, 87 in v1b.
-    assert len(build_res2net(variant="v1", norm="BN").state_dict()) == 425 + 85
-    assert len(build_res2net(variant="v1b", norm="BN").state_dict()) == 435 + 87
+    assert len(meta(variant="v1", norm="BN").state_dict()) == 425 + 85
+    assert len(meta(variant="v1b", norm="BN").state_dict()) == 435 + 87
 
 
 def test_block_widths_and_spot_shapes(r2_50_v1):
@@ -162,10 +167,10 @@ def test_block_widths_and_spot_shapes(r2_50_v1):
     assert tuple(sd["res3.0.conv1.weight"].shape) == (208, 256, 1, 1)
     assert tuple(sd["res5.2.conv3.weight"].shape) == (2048, 832, 1, 1)
     assert tuple(sd["res2.0.shortcut.weight"].shape) == (256, 64, 1, 1)
-    v1b = build_res2net(variant="v1b").state_dict()
+    v1b = meta(variant="v1b").state_dict()
     assert tuple(v1b["stem.conv3.weight"].shape) == (64, 32, 3, 3)
     assert tuple(v1b["res2.0.shortcut.weight"].shape) == (256, 64, 1, 1)
-    s8 = build_res2net(variant="v1", base_width=14, scale=8).state_dict()
+    s8 = meta(variant="v1", base_width=14, scale=8).state_dict()
     assert tuple(s8["res2.0.convs.6.weight"].shape) == (14, 14, 3, 3)
     assert tuple(s8["res2.0.conv1.weight"].shape) == (112, 64, 1, 1)
 
@@ -178,12 +183,12 @@ def test_stride_placement(r2_50_v1):
     assert res3_0.shortcut.stride == (2, 2)
     res2_0 = r2_50_v1.res2[0]
     assert res2_0.pool_last and res2_0.pool_stride == 1  # §7 item 6
-    c2 = build_res2net(variant="v1", stride_in_1x1=True).res3[0]
+    c2 = meta(variant="v1", stride_in_1x1=True).res3[0]
     assert c2.conv1.stride == (2, 2) and all(c.stride == (1, 1) for c in c2.convs)
     assert c2.pool_stride == 1 and c2.shortcut.stride == (2, 2)
-    v1b = build_res2net(variant="v1b").res3[0]
+    v1b = meta(variant="v1b").res3[0]
     assert v1b.shortcut.stride == (1, 1) and v1b.avg_down  # pooled before a stride-1 1x1
-    assert not build_res2net(pool_stride1=False).res2[0].pool_last
+    assert not meta(pool_stride1=False).res2[0].pool_last
 
 
 def test_res5_dilation():
