@@ -4,9 +4,11 @@
     losses = run_one_training_iteration(cfg)
     results = train_and_evaluate(cfg, tmp_path)      # results["bbox"]["AP"]
 
-`TINY_RESNET_OPTS` make any ResNet-FPN config tiny: ResNet-18 trunk with BatchNorm trained
-from scratch (FrozenBN from random weights diverges), 64-channel FPN, 96-128 px images,
-batch 4, no loader workers, 3 classes. `TINY_RCNN_OPTS` adds small RPN/ROI settings for
+`TINY_RESNET_OPTS` make any ResNet-FPN config tiny: ResNet-18 trunk and 64-channel FPN with
+GroupNorm, trained from scratch (FrozenBN from random weights diverges), 96-128 px images,
+batch 4, no loader workers, 300 iterations at lr 0.05. Measured on `shapes_val` with the
+quickstart Mask R-CNN: 1.1 bbox AP after 200 iterations with BatchNorm at lr 0.02 (lr 0.05
+diverged), 10.0 bbox / 11.6 mask AP after 300 iterations with GroupNorm at lr 0.05. `TINY_RCNN_OPTS` adds small RPN/ROI settings for
 two-stage models. `SWEEP_OPTS` only shrink inputs/batch/dataset for the one-iteration sweep
 over full-size configs.
 """
@@ -39,20 +41,21 @@ TINY_RESNET_OPTS = _DATA_OPTS + [
     "MODEL.BACKBONE.FREEZE_AT", 0,
     "MODEL.RESNETS.DEPTH", 18,
     "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.RESNETS.NORM", "GN",
     "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, False, False, False],
     "MODEL.RESNETS.NUM_GROUPS", 1,
     "MODEL.RESNETS.WIDTH_PER_GROUP", 64,
     "MODEL.FPN.OUT_CHANNELS", 64,
+    "MODEL.FPN.NORM", "GN",
     "INPUT.MIN_SIZE_TRAIN", (96, 112, 128),
     "INPUT.MAX_SIZE_TRAIN", 192,
     "INPUT.MIN_SIZE_TEST", 112,
     "INPUT.MAX_SIZE_TEST", 192,
     "SOLVER.IMS_PER_BATCH", 4,
-    "SOLVER.BASE_LR", 0.02,
+    "SOLVER.BASE_LR", 0.05,
     "SOLVER.WARMUP_ITERS", 50,
-    "SOLVER.MAX_ITER", 200,
-    "SOLVER.STEPS", (160,),
+    "SOLVER.MAX_ITER", 300,
+    "SOLVER.STEPS", (260,),
     "TEST.DETECTIONS_PER_IMAGE", 50,
 ]
 

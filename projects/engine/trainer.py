@@ -67,6 +67,12 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def train(self):
+        """Train, then return the results of the last evaluation (Detectron2 v0.6 returns them
+        only when ``TEST.EXPECTED_RESULTS`` is set)."""
+        super().train()
+        return getattr(self, "_last_eval_results", OrderedDict())
+
     @classmethod
     def build_train_loader(cls, cfg):
         check_num_classes(cfg, cfg.DATASETS.TRAIN)

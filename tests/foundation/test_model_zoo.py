@@ -31,3 +31,22 @@ def test_trained_weights_are_not_claimed():
 
     with pytest.raises(ValueError, match="no trained checkpoint"):
         projects.model_zoo.get_config("quickstart/mask_rcnn_R_18_FPN_shapes.yaml", trained=True)
+
+
+def test_configs_ship_in_a_non_editable_install(tmp_path):
+    # `pip install .` (not -e) must carry every YAML inside the `projects` package
+    import subprocess
+    import sys
+    import zipfile
+
+    from projects.testing import repo_root
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", repo_root(), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    expected = {"projects/configs/" + n for n in projects.model_zoo.list_configs()}
+    assert expected <= shipped
+    packages = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    assert {"projects", "projects_common", "res2net", "dynamic_rcnn", "tsd", "decoupled_rcnn",
+            "rdsnet"} <= packages
