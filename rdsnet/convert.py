@@ -38,14 +38,22 @@ from projects_common.checkpoint import (
     save_converted_checkpoint,
 )
 
-__all__ = ["mmdet_to_d2_key", "permute_anchor_dim", "convert_rdsnet_state_dict", "convert_rdsnet_checkpoint"]
+__all__ = [
+    "mmdet_to_d2_key",
+    "permute_anchor_dim",
+    "convert_rdsnet_state_dict",
+    "convert_rdsnet_checkpoint",
+]
 
 _RULES = [
     # backbone trunk (torchvision names)
     (r"^backbone\.conv1\.", "backbone.bottom_up.stem.conv1."),
     (r"^backbone\.bn1\.", "backbone.bottom_up.stem.conv1.norm."),
     (r"^backbone\.layer(\d)\.(\d+)\.downsample\.0\.", r"backbone.bottom_up.res\1.\2.shortcut."),
-    (r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.", r"backbone.bottom_up.res\1.\2.shortcut.norm."),
+    (
+        r"^backbone\.layer(\d)\.(\d+)\.downsample\.1\.",
+        r"backbone.bottom_up.res\1.\2.shortcut.norm.",
+    ),
     (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.", r"backbone.bottom_up.res\1.\2.conv\3."),
     (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.", r"backbone.bottom_up.res\1.\2.conv\3.norm."),
     # neck
@@ -111,7 +119,9 @@ def permute_anchor_dim(tensor: torch.Tensor, num_ratios: int, num_sizes: int) ->
     """
     a = num_ratios * num_sizes
     if tensor.shape[0] % a:
-        raise ConversionError(f"predictor dim 0 ({tensor.shape[0]}) is not a multiple of {a} anchors")
+        raise ConversionError(
+            f"predictor dim 0 ({tensor.shape[0]}) is not a multiple of {a} anchors"
+        )
     k = tensor.shape[0] // a
     rest = tensor.shape[1:]
     out = tensor.reshape(num_ratios, num_sizes, k, *rest).transpose(0, 1)

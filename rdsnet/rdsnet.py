@@ -5,7 +5,6 @@ Two streams over a ResNet/Res2Net FPN: the *object stream* (`RDSNetHead`: classe
 embedding per pixel at stride 4). The correlation of the two gives instance masks, which are
 cropped by the (expanded) boxes; at test time MBRM optionally refines the boxes from the masks.
 """
-import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +35,6 @@ from .targets import anchor_valid_flags, gt_bitmasks_at_pad_shape, pad_shape, to
 
 __all__ = ["RDSNet"]
 
-logger = logging.getLogger(__name__)
 
 
 def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,7 +144,9 @@ class RDSNet(nn.Module):
         anchor_generator = build_anchor_generator(cfg, feature_shapes)
         num_anchors = anchor_generator.num_cell_anchors
         if len(set(num_anchors)) != 1:
-            raise ValueError(f"RDSNet needs the same number of anchors per level, got {num_anchors}")
+            raise ValueError(
+                f"RDSNet needs the same number of anchors per level, got {num_anchors}"
+            )
         weights = tuple(rd.BBOX_REG_WEIGHTS)
         if rd.BOX_PLUS_ONE:
             box2box = Box2BoxTransformPlusOne(weights, scale_clamp=BBOX_XFORM_CLAMP)
@@ -219,9 +219,8 @@ class RDSNet(nn.Module):
             if pixel_reps is not None:
                 ph, pw = pad_shape(images.image_sizes[i], self.size_divisibility)
                 pixel_i = pixel_reps[i, :, : ph // 4, : pw // 4]
-            processed.append(
-                {"instances": self.postprocess(result, pixel_i, images.image_sizes[i], out_h, out_w)}
-            )
+            inst = self.postprocess(result, pixel_i, images.image_sizes[i], out_h, out_w)
+            processed.append({"instances": inst})
         return processed
 
     def _internal_gt_boxes(self, instances: Instances) -> torch.Tensor:
@@ -275,8 +274,8 @@ class RDSNet(nn.Module):
         gt_boxes_all = []
         for i, inst in enumerate(gt):
             boxes = self._internal_gt_boxes(inst)
-            if len(inst) == 0:
-                gt_boxes_all.append(anchors_all.tensor.new_zeros(anchors_all.tensor.shape))
+            if len(inst) == 0:  # no positives; anchors as dummy targets (finite deltas)
+                gt_boxes_all.append(anchors_all.tensor)
                 continue
             cls_i = inst.gt_classes[matches[i]]
             rows = torch.nonzero(pos[i], as_tuple=True)[0]
@@ -302,7 +301,9 @@ class RDSNet(nn.Module):
         )
         out = {"loss_cls": loss_cls, "loss_box_reg": loss_box}
         if self.pixel_stream is not None:
-            out["loss_mask"] = self.mask_loss(images, reps, pixel_reps, pos, matches, gt, padded_sizes)
+            out["loss_mask"] = self.mask_loss(
+                images, reps, pixel_reps, pos, matches, gt, padded_sizes
+            )
         return out
 
     def mask_loss(self, images, reps, pixel_reps, pos, matches, gt, padded_sizes):
@@ -434,10 +435,14 @@ class RDSNet(nn.Module):
             if masks:
                 result.pred_masks = torch.cat(masks)
             else:
-                result.pred_masks = torch.zeros((0, out_h, out_w), dtype=torch.bool, device=fg.device)
+                result.pred_masks = torch.zeros(
+                    (0, out_h, out_w), dtype=torch.bool, device=fg.device
+                )
             if self.mbrm is not None and len(result) > 0:
                 inclusive = boxes if self.box_plus_one else to_inclusive(boxes)
-                boxes = self.mbrm.refine_from_profiles(torch.cat(h_prof), torch.cat(v_prof), inclusive)
+                boxes = self.mbrm.refine_from_profiles(
+                    torch.cat(h_prof), torch.cat(v_prof), inclusive
+                )
                 if not self.box_plus_one:
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1.0], dim=1)
         if self.box_plus_one or self.mbrm is not None:

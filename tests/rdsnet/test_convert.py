@@ -103,8 +103,12 @@ def test_permute_anchor_dim():
             assert out[s * 3 + r].tolist() == w.view(9, 2)[r * 3 + s].tolist()
 
 
+# The authors' architecture: BN trunk, FPN without norm (the tiny test default is GN).
+MMDET_ARCH_OPTS = ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.NORM", ""]
+
+
 def _tiny_pair():
-    common = ["MODEL.RDSNET.DETECTIONS_PER_IMAGE", 30]
+    common = ["MODEL.RDSNET.DETECTIONS_PER_IMAGE", 30] + MMDET_ARCH_OPTS
     mm = build_model(rdsnet_tiny.tiny_cfg(opts=common))
     d2 = build_model(rdsnet_tiny.tiny_cfg(opts=common + [
         "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"]))
@@ -139,7 +143,7 @@ def test_converted_tiny_model_runs_and_anchor_orders_agree(tmp_path):
     dst = tmp_path / "converted.pth"
     cfg_file = os.path.join(rdsnet_tiny.CONFIG_DIR, "rdsnet_R_50_FPN_1x.yaml")
     opts = [str(v) if not isinstance(v, (list, tuple)) else repr(list(v))
-            for v in rdsnet_tiny.TINY_RDSNET_OPTS]
+            for v in rdsnet_tiny.TINY_RDSNET_OPTS + MMDET_ARCH_OPTS]
     proc = subprocess.run(
         [sys.executable, os.path.join(repo_root(), "tools", "convert_rdsnet.py"),
          "--config-file", cfg_file, str(src), str(dst)] + opts,
@@ -148,7 +152,7 @@ def test_converted_tiny_model_runs_and_anchor_orders_agree(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
-    fresh = build_model(rdsnet_tiny.tiny_cfg())
+    fresh = build_model(rdsnet_tiny.tiny_cfg(opts=MMDET_ARCH_OPTS))
     DetectionCheckpointer(fresh).load(str(dst))
     for key, value in mm.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
