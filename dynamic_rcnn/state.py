@@ -118,6 +118,11 @@ class DynamicTrainingState(nn.Module):
     def current(self, rank: Optional[int] = None) -> Tuple[float, float]:
         """(T_now, beta_now) in force for ``rank`` (default: this process)."""
         r = _rank() if rank is None else rank
+        if r >= self.world_size:
+            raise RuntimeError(
+                f"Dynamic R-CNN state was built for {self.world_size} process(es); rank {r} has "
+                "no entry (build the model after torch.distributed is initialized)"
+            )
         return float(self.iou_thr[r]), float(self.beta[r])
 
     # ------------------------------------------------------------------ per iteration
