@@ -175,3 +175,18 @@ def test_d2_conventions_variant():
         model.head.cls_score.bias.fill_(2.0)
         inst = model([{"image": torch.rand(3, 96, 128) * 255}])[0]["instances"]
     assert len(inst) > 0 and inst.pred_masks.shape[1:] == (96, 128)
+
+
+def test_default_predictor():
+    """Detectron2's DefaultPredictor (BGR numpy in, resize, RGB conversion) returns Instances
+    at the original size with pred_boxes, scores, pred_classes and full-image pred_masks."""
+    import numpy as np
+    from detectron2.engine import DefaultPredictor
+
+    cfg = rdsnet_tiny.tiny_cfg(opts=["MODEL.RDSNET.SCORE_THRESH_TEST", 0.0])
+    predictor = DefaultPredictor(cfg)
+    image = (np.random.RandomState(0).rand(90, 150, 3) * 255).astype(np.uint8)
+    inst = predictor(image)["instances"]
+    assert inst.image_size == (90, 150) and len(inst) > 0
+    assert inst.pred_masks.shape == (len(inst), 90, 150) and inst.pred_masks.dtype == torch.bool
+    assert inst.pred_boxes.tensor.shape == (len(inst), 4) and inst.scores.shape == (len(inst),)
