@@ -29,5 +29,3 @@ def add_tsd_config(cfg):
     cfg.MODEL.TSD.LEGACY_COORDS = False
     # Cascade only: multiplier of all losses of each stage (authors' TSD configs: 1, 1, 1).
     cfg.MODEL.TSD.CASCADE_STAGE_WEIGHTS = (1.0, 1.0, 1.0)
-    # RoIs per grid_sample call in the pooling (bounds the (n, C, 7S, 7S) intermediate).
-    cfg.MODEL.TSD.POOL_CHUNK_SIZE = 512

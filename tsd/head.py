@@ -185,7 +185,6 @@ class TSDHead(nn.Module):
         pc_enabled: bool = True,
         cls_pc_margin: float = 0.3,
         loc_pc_margin: float = 0.3,
-        pool_chunk_size: int = 512,
     ):
         """
         Args:
@@ -199,7 +198,6 @@ class TSDHead(nn.Module):
             canonical_box_size, canonical_level: FPN level rule (as the box pooler).
             pc_enabled: add the progressive-constraint losses.
             cls_pc_margin, loc_pc_margin: m_c, m_r.
-            pool_chunk_size: RoIs per grid_sample call.
         """
         super().__init__()
         self.offset_generator = offset_generator
@@ -217,7 +215,6 @@ class TSDHead(nn.Module):
         self.pc_enabled = pc_enabled
         self.cls_pc_margin = cls_pc_margin
         self.loc_pc_margin = loc_pc_margin
-        self.pool_chunk_size = pool_chunk_size
 
     @classmethod
     def from_config(cls, cfg, input_shape, box2box_transform: Optional[Box2BoxTransform] = None):
@@ -250,7 +247,6 @@ class TSDHead(nn.Module):
             "pc_enabled"      : cfg.MODEL.TSD.PC_ENABLED,
             "cls_pc_margin"   : cfg.MODEL.TSD.CLS_PC_MARGIN,
             "loc_pc_margin"   : cfg.MODEL.TSD.LOC_PC_MARGIN,
-            "pool_chunk_size" : cfg.MODEL.TSD.POOL_CHUNK_SIZE,
             # fmt: on
         }
 
@@ -275,7 +271,6 @@ class TSDHead(nn.Module):
             samples_per_bin=self.samples_per_bin,
             gamma=self.gamma,
             legacy=self.legacy,
-            chunk_size=self.pool_chunk_size,
         )
         return pooled[:R], pooled[R:]
 

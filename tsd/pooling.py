@@ -1,4 +1,4 @@
-"""Deformable RoI pooling of TSD (spec §3), written with pure PyTorch ops (`F.grid_sample`).
+"""Deformable RoI pooling of TSD (spec §3), written with pure PyTorch ops (no custom kernel).
 
 This is the operator behind the paper's point-wise deformation P̂_c (Eq. 5, 6) and the
 proposal-wise translation P̂_r (Eq. 3, 4): the Deformable ConvNets "deformable PS-RoI pooling"
@@ -18,6 +18,14 @@ Two coordinate conventions are supported:
 Both keep the kernel's validity rule: a sample outside ``[-0.5, W - 0.5] × [-0.5, H - 0.5]`` is
 dropped, the others are clamped into ``[0, W-1] × [0, H-1]`` and bilinearly interpolated, and a
 bin is the mean over its *valid* samples (0 if none). No gradient reaches the RoI coordinates.
+
+Implementation: instead of the `F.grid_sample` recipe of spec §3.1 (which materialises a
+(R, C, k·S, k·S) tensor and whose CPU backward is slow), every bin is written as a weighted sum
+of S·S·4 feature rows and evaluated with one weighted ``F.embedding_bag`` over all levels and
+images (forward and backward are the ordinary embedding-bag kernels on CPU and GPU). The
+forward equals the kernel's; the backward is autograd's, which differs from the CUDA backward
+only where the spec says it may (§3.1: zero offset gradient at clamped samples, right-hand slope
+at exactly integer coordinates).
 """
 import math
 from typing import List, Optional, Sequence
@@ -35,21 +43,18 @@ __all__ = [
     "level_range",
 ]
 
-# grid_sample coordinate used for dropped samples: far outside [-1, 1], so that with
-# padding_mode="zeros" all four bilinear neighbours are padding (value 0, no gradient).
-_OUTSIDE = -8.0
-
 
 def round_half_away_from_zero(v: torch.Tensor) -> torch.Tensor:
     """C ``round``: halves go away from zero (``torch.round`` rounds half to even)."""
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
 
 
-def _roi_geometry(boxes: torch.Tensor, spatial_scale: float, legacy: bool):
+def _roi_geometry(boxes: torch.Tensor, spatial_scale, legacy: bool):
     """Feature-space start and size of RoIs.
 
     Args:
         boxes: (R, 4) XYXY in input-image pixels.
+        spatial_scale: float or (R,) tensor, 1 / stride of each RoI's level.
     Returns:
         start_w, start_h, roi_w, roi_h: each (R,), in feature-map pixels (spec §3 step 1).
     """
@@ -69,8 +74,9 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
     Args:
         boxes: (R, 4) XYXY image pixels (no grad needed).
         offsets: (R, 2, k, k) raw offsets (channel 0 = x, 1 = y) or None for no translation.
+        spatial_scale: float or (R,) tensor.
     Returns:
-        xs, ys: (R, k·S, k·S) feature-map coordinates; row index = ph·S + ih, column = pw·S + iw.
+        xs, ys: (R, k, k, S, S) feature-map coordinates, index order (r, ph, pw, ih, iw).
     """
     k, S = output_size, samples_per_bin
     boxes = boxes.detach()  # spec §3 step 7: no gradient to the RoI coordinates
@@ -79,9 +85,7 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
     centre = 0.0 if legacy else 0.5
     bins = torch.arange(k, dtype=boxes.dtype, device=boxes.device)
     sub = (torch.arange(S, dtype=boxes.dtype, device=boxes.device) + centre) / S
-    # (k, S) position of sample (p, i) in bin units: p + i / S
     pos = bins[:, None] + sub[None, :]  # (k, S): position of sample i of bin p, in bin units
-    # xs[r, ph, pw, ih, iw]; ys likewise
     base_x = start_w.view(-1, 1, 1, 1, 1) + pos.view(1, 1, k, 1, S) * bin_w.view(-1, 1, 1, 1, 1)
     base_y = start_h.view(-1, 1, 1, 1, 1) + pos.view(1, k, 1, S, 1) * bin_h.view(-1, 1, 1, 1, 1)
     if offsets is not None:
@@ -89,9 +93,70 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
         base_x = base_x + (off[:, 0] * roi_w.view(-1, 1, 1))[:, :, :, None, None]
         base_y = base_y + (off[:, 1] * roi_h.view(-1, 1, 1))[:, :, :, None, None]
     R = boxes.shape[0]
-    xs = base_x.expand(R, k, k, S, S).permute(0, 1, 3, 2, 4).reshape(R, k * S, k * S)
-    ys = base_y.expand(R, k, k, S, S).permute(0, 1, 3, 2, 4).reshape(R, k * S, k * S)
-    return xs, ys
+    return base_x.expand(R, k, k, S, S), base_y.expand(R, k, k, S, S)
+
+
+def _pool_from_rows(
+    rows: torch.Tensor,
+    row_base: torch.Tensor,
+    heights: torch.Tensor,
+    widths: torch.Tensor,
+    scales: torch.Tensor,
+    boxes: torch.Tensor,
+    offsets: Optional[torch.Tensor],
+    output_size: int,
+    samples_per_bin: int,
+    gamma: float,
+    legacy: bool,
+) -> torch.Tensor:
+    """Core of the operator on channels-last feature rows.
+
+    Every bin is a weighted sum of S·S·4 feature rows (S×S bilinear samples, 4 neighbours
+    each) with weights ``bilinear · valid``, divided by the valid count; it is evaluated with
+    ``F.embedding_bag(mode="sum", per_sample_weights=...)``, whose backward gives the feature
+    gradient (scatter-add) and, through the weights, the offset gradient. Memory stays
+    O(R·k²·S²) instead of the O(R·C·(kS)²) of a `grid_sample` formulation.
+
+    Args:
+        rows: (M, C) all feature maps as rows (pixel-major, channels last).
+        row_base, heights, widths, scales: (R,) first row, H, W and 1/stride of each RoI's map.
+        boxes: (R, 4) XYXY image pixels. offsets: (R, 2, k, k) or None.
+    Returns:
+        (R, C, k, k).
+    """
+    k, S = output_size, samples_per_bin
+    R, C = boxes.shape[0], rows.shape[1]
+    if R == 0:
+        return rows.new_zeros((0, C, k, k))
+    xs, ys = _sample_points(boxes, offsets, scales, k, S, gamma, legacy)  # (R, k, k, S, S)
+    W = widths.to(xs.dtype).view(-1, 1, 1, 1, 1)
+    H = heights.to(xs.dtype).view(-1, 1, 1, 1, 1)
+    valid = (xs >= -0.5) & (xs <= W - 0.5) & (ys >= -0.5) & (ys <= H - 0.5)
+    count = valid.sum(dim=(3, 4), keepdim=True).clamp(min=1)  # valid samples per bin
+    # clamp into the map (spec §3 step 4); neighbours x0 = floor(x), x1 = min(x0 + 1, W - 1)
+    xc = torch.minimum(xs.clamp(min=0), W - 1)
+    yc = torch.minimum(ys.clamp(min=0), H - 1)
+    x0, y0 = xc.detach().floor(), yc.detach().floor()
+    x1, y1 = torch.minimum(x0 + 1, W - 1), torch.minimum(y0 + 1, H - 1)
+    lx, ly = xc - x0, yc - y0
+    hx, hy = 1 - lx, 1 - ly
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)
+    weights = weights * valid[..., None].to(weights.dtype)
+    base = row_base.view(-1, 1, 1, 1, 1)
+    Wl = widths.view(-1, 1, 1, 1, 1)
+    y0, y1, x0, x1 = y0.long(), y1.long(), x0.long(), x1.long()
+    index = torch.stack(
+        [base + y0 * Wl + x0, base + y0 * Wl + x1, base + y1 * Wl + x0, base + y1 * Wl + x1], dim=-1
+    )
+    taps = S * S * 4
+    out = F.embedding_bag(
+        index.reshape(R * k * k, taps),
+        rows,
+        per_sample_weights=weights.reshape(R * k * k, taps).to(rows.dtype),
+        mode="sum",
+    )  # (R·k·k, C): sum over the valid samples, then the mean (spec §3 step 6)
+    out = out / count.reshape(R * k * k, 1).to(out.dtype)
+    return out.view(R, k, k, C).permute(0, 3, 1, 2)
 
 
 def deform_roi_pool(
@@ -103,12 +168,11 @@ def deform_roi_pool(
     samples_per_bin: int = 4,
     gamma: float = 0.1,
     legacy: bool = True,
-    chunk_size: int = 512,
 ) -> torch.Tensor:
-    """Deformable RoI pooling of RoIs of ONE image (spec §3, §3.1), vectorised over RoIs.
+    """Deformable RoI pooling of RoIs of ONE image at one level (spec §3), vectorised over RoIs.
 
     Args:
-        features: (1, C, H, W) or (C, H, W) feature map of one image at one FPN level.
+        features: (1, C, H, W) or (C, H, W) feature map.
         boxes: (R, 4) XYXY RoIs in input-image pixels.
         offsets: (R, 2, k, k) raw offsets (ΔC, or ΔR broadcast to every bin); ``None`` = no
             translation. The sample shift is ``gamma · offset · (roi_w, roi_h)``.
@@ -117,40 +181,31 @@ def deform_roi_pool(
         samples_per_bin: S (S×S bilinear samples per bin).
         gamma: the paper's γ (kernel ``trans_std``).
         legacy: authors' rounded, left-aligned geometry (True) or the aligned variant (False).
-        chunk_size: RoIs per `grid_sample` call (bounds the (chunk, C, kS, kS) intermediate).
 
     Returns:
         (R, C, k, k) pooled features.
     """
-    if features.dim() == 3:
-        features = features[None]
-    _, C, H, W = features.shape
-    k, S = output_size, samples_per_bin
+    if features.dim() == 4:
+        assert features.shape[0] == 1, "deform_roi_pool takes the map of one image"
+        features = features[0]
+    C, H, W = features.shape
     R = boxes.shape[0]
-    if R == 0:
-        return features.new_zeros((0, C, k, k))
-    outs = []
-    for start in range(0, R, chunk_size):
-        sl = slice(start, start + chunk_size)
-        xs, ys = _sample_points(
-            boxes[sl], None if offsets is None else offsets[sl], spatial_scale, k, S, gamma, legacy
-        )
-        n = xs.shape[0]
-        valid = (xs >= -0.5) & (xs <= W - 0.5) & (ys >= -0.5) & (ys <= H - 0.5)
-        # clamp into the map (spec §3 step 4) and normalise for align_corners=False:
-        # pixel p maps to (2p + 1) / W - 1, exact for any W >= 1.
-        gx = (2 * xs.clamp(0, W - 1) + 1) / W - 1
-        gy = (2 * ys.clamp(0, H - 1) + 1) / H - 1
-        grid = torch.stack([gx, gy], dim=-1)
-        grid = torch.where(valid[..., None], grid, grid.new_tensor(_OUTSIDE))
-        grid = grid.to(features.dtype).reshape(1, n * k * S, k * S, 2)
-        vals = F.grid_sample(
-            features, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (1, C, n·kS, kS)
-        summed = vals.view(C, n, k, S, k, S).sum(dim=(3, 5))  # (C, n, k, k)
-        count = valid.view(n, k, S, k, S).sum(dim=(2, 4)).clamp(min=1)  # (n, k, k)
-        outs.append(summed.permute(1, 0, 2, 3) / count[:, None].to(summed.dtype))
-    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    rows = features.permute(1, 2, 0).reshape(H * W, C)
+    dev = boxes.device
+    full = torch.full((R,), 1, dtype=torch.int64, device=dev)
+    return _pool_from_rows(
+        rows,
+        full * 0,
+        full * H,
+        full * W,
+        torch.full((R,), float(spatial_scale), dtype=boxes.dtype, device=dev),
+        boxes,
+        offsets,
+        output_size,
+        samples_per_bin,
+        gamma,
+        legacy,
+    )
 
 
 def multi_level_deform_roi_pool(
@@ -163,9 +218,8 @@ def multi_level_deform_roi_pool(
     samples_per_bin: int = 4,
     gamma: float = 0.1,
     legacy: bool = True,
-    chunk_size: int = 512,
 ) -> torch.Tensor:
-    """`deform_roi_pool` over FPN levels and images (spec §2.9 step 4).
+    """`deform_roi_pool` over FPN levels and images in one vectorised call (spec §2.9 step 4).
 
     Args:
         features: per-level maps (N, C, H_l, W_l), finest first.
@@ -177,30 +231,30 @@ def multi_level_deform_roi_pool(
     Returns:
         (R, C, k, k); rows in the order of ``rois``.
     """
-    C = features[0].shape[1]
-    k = output_size
-    out = features[0].new_zeros((rois.shape[0], C, k, k))
-    if rois.shape[0] == 0:
-        return out
+    N, C = features[0].shape[:2]
+    dev = rois.device
+    rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, C) for f in features], dim=0)
+    sizes = [f.shape[2] * f.shape[3] for f in features]
+    level_base = torch.tensor([0] + sizes[:-1], device=dev).cumsum(0) * N
+    level_h = torch.tensor([f.shape[2] for f in features], device=dev)
+    level_w = torch.tensor([f.shape[3] for f in features], device=dev)
+    level_s = torch.tensor(list(scales), dtype=rois.dtype, device=dev)
+    size_t = torch.tensor(sizes, device=dev)
     batch_idx = rois[:, 0].to(torch.int64)
-    for lvl, (feat, scale) in enumerate(zip(features, scales)):
-        for b in range(feat.shape[0]):
-            idx = torch.nonzero((levels == lvl) & (batch_idx == b), as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            pooled = deform_roi_pool(
-                feat[b : b + 1],
-                rois[idx, 1:],
-                None if offsets is None else offsets[idx],
-                scale,
-                output_size=k,
-                samples_per_bin=samples_per_bin,
-                gamma=gamma,
-                legacy=legacy,
-                chunk_size=chunk_size,
-            )
-            out = out.index_put((idx,), pooled.to(out.dtype))
-    return out
+    row_base = level_base[levels] + batch_idx * size_t[levels]
+    return _pool_from_rows(
+        rows,
+        row_base,
+        level_h[levels],
+        level_w[levels],
+        level_s[levels],
+        rois[:, 1:],
+        offsets,
+        output_size,
+        samples_per_bin,
+        gamma,
+        legacy,
+    )
 
 
 def fpn_levels(
