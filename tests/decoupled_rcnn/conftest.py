@@ -36,9 +36,10 @@ def _fpn_shapes(channels=256):
     return {f"p{i}": ShapeSpec(channels=channels, stride=2 ** i) for i in range(2, 7)}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def full_r50_model():
-    """The R-50 Decoupled R-CNN (80 classes, 256-channel FPN, 1024-d towers), untrained."""
+    """The R-50 Decoupled R-CNN (80 classes, 256-channel FPN, 1024-d towers), untrained
+    (module scope: ~330 MB, freed after each test module)."""
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
