@@ -261,17 +261,18 @@ class TSDHead(nn.Module):
         """
         R, k = rois.shape[0], self.resolution
         offsets = torch.cat([delta_c, delta_r[:, :, None, None].expand(R, 2, k, k)], dim=0)
-        pooled = multi_level_deform_roi_pool(
-            features,
-            self.pooler_scales,
-            torch.cat([rois, rois], dim=0),
-            torch.cat([levels, levels], dim=0),
-            offsets,
-            output_size=k,
-            samples_per_bin=self.samples_per_bin,
-            gamma=self.gamma,
-            legacy=self.legacy,
-        )
+        with torch.profiler.record_function("tsd/deform_roi_pool"):
+            pooled = multi_level_deform_roi_pool(
+                features,
+                self.pooler_scales,
+                torch.cat([rois, rois], dim=0),
+                torch.cat([levels, levels], dim=0),
+                offsets,
+                output_size=k,
+                samples_per_bin=self.samples_per_bin,
+                gamma=self.gamma,
+                legacy=self.legacy,
+            )
         return pooled[:R], pooled[R:]
 
     def forward(self, x: torch.Tensor, features: List[torch.Tensor], proposal_boxes: List[Boxes]):

@@ -238,5 +238,16 @@ class TestTrainEval(unittest.TestCase):
         torch.testing.assert_close(f_r, plain, rtol=0, atol=0)
 
 
+class TestProfiling(unittest.TestCase):
+    def test_pooling_share_is_measured(self):
+        from tsd.profiling import pooling_share, synthetic_batch
+
+        model = tsd_tiny.build(tsd_tiny.tiny_cfg("TSDROIHeads"))
+        pool, total, wall = pooling_share(model, synthetic_batch((96, 128)), "eval", iters=1)
+        self.assertGreater(pool, 0.0)
+        self.assertLess(pool, total)
+        self.assertGreater(wall, 0.0)
+
+
 if __name__ == "__main__":
     unittest.main()
