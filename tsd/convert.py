@@ -211,7 +211,9 @@ def convert_tsd_state_dict(source: Mapping[str, torch.Tensor],
     return convert_state_dict(source, map_tsd_key, target_shapes, transform=_reindex)
 
 
-def convert_tsd_checkpoint(src_path: str, dst_path: str, target_shapes=None) -> Dict[str, torch.Tensor]:
+def convert_tsd_checkpoint(
+    src_path: str, dst_path: str, target_shapes=None
+) -> Dict[str, torch.Tensor]:
     """Read an authors' checkpoint, convert it and write ``{"model": ...}`` for MODEL.WEIGHTS."""
     out = convert_tsd_state_dict(load_upstream_state_dict(src_path), target_shapes)
     save_converted_checkpoint(out, dst_path, author="Sense-X/TSD (converted by tsd.convert)")

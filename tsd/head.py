@@ -37,7 +37,8 @@ class TSDOffsetGenerator(nn.Module):
     """F_c and F_r of the paper (Eq. 3, 5; spec §2.2): a shared first fc, then two 2-fc stacks.
 
     Input: the RoIAlign feature x of P, (R, C, k, k), flattened C-major.
-    Outputs: ΔC (R, 2, k, k) — channel 0 = x, 1 = y, row-major bins — and ΔR (R, 2) = (dx, dy).
+    Outputs: ΔC (R, 2, k, k) — channel 0 = x, 1 = y, row-major bins — and
+    ΔR (R, 2) = (dx, dy).
     Both are raw (unbounded); the γ·(w, h) scaling happens in the pooling / translation.
     Not zero-initialised (spec §2.8): offsets are random and non-zero at step 0.
     """
@@ -75,7 +76,9 @@ class TSDOutputLayers(FastRCNNOutputLayers):
     """
 
     @configurable
-    def __init__(self, input_shape: ShapeSpec, *, detach_translated_targets: bool = False, **kwargs):
+    def __init__(
+        self, input_shape: ShapeSpec, *, detach_translated_targets: bool = False, **kwargs
+    ):
         """
         Args:
             detach_translated_targets: stop the regression-target gradient into ΔR (the

@@ -8,8 +8,8 @@ and S×S bilinear samples per bin, each bin translated by ``gamma * offset * (ro
 Two coordinate conventions are supported:
 
 * ``legacy=True`` — the authors' CUDA kernel (spec §3): RoI corners rounded half away from
-  zero, ``start = round(x1)·s − 0.5``, ``end = (round(x2) + 1)·s − 0.5``, samples left/top-aligned
-  inside a bin (``iw / S``).
+  zero, ``start = round(x1)·s − 0.5``, ``end = (round(x2) + 1)·s − 0.5``, samples
+  left/top-aligned inside a bin (``iw / S``).
 * ``legacy=False`` — the "aligned" variant (spec §13.17) matching Detectron2's ROIAlignV2
   geometry: ``start = x1·s − 0.5``, ``end = x2·s − 0.5``, no rounding, samples at the centres
   of the S×S sub-cells (``(iw + 0.5) / S``). With zero offsets and a RoI inside the map it equals

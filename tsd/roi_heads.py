@@ -119,7 +119,8 @@ class TSDCascadeROIHeads(CascadeROIHeads):
         stage_weights = cfg.MODEL.TSD.CASCADE_STAGE_WEIGHTS
         if not (len(reg_weights) == len(ious) == len(stage_weights)):
             raise ValueError(
-                "TSDCascadeROIHeads: ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS, ROI_BOX_CASCADE_HEAD.IOUS"
+                "TSDCascadeROIHeads: ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS, "
+                "ROI_BOX_CASCADE_HEAD.IOUS"
                 f" and MODEL.TSD.CASCADE_STAGE_WEIGHTS differ in length: {len(reg_weights)}, "
                 f"{len(ious)}, {len(stage_weights)}"
             )

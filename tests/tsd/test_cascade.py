@@ -32,7 +32,8 @@ class TestTSDCascade(unittest.TestCase):
         self.assertEqual(len(rh.tsd_head), 3)
         weights = [h.predictor.box2box_transform.weights for h in rh.tsd_head]
         self.assertEqual([tuple(w) for w in weights],
-                         [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)])
+                         [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0),
+                          (30.0, 30.0, 15.0, 15.0)])
         self.assertEqual(rh.tsd_head[0].predictor.bbox_pred.out_features, 4 * 3)  # class-specific
 
     def test_stage_losses_and_weights(self):

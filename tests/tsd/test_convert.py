@@ -23,7 +23,8 @@ HEAD = {
     "tsd_head{s}.offset_generator.delta_r_fc2": "delta_r.2",
     "tsd_head{s}.cls_head.fc1": "TSD_pc_fcs.0", "tsd_head{s}.cls_head.fc2": "TSD_pc_fcs.1",
     "tsd_head{s}.reg_head.fc1": "TSD_pr_fcs.0", "tsd_head{s}.reg_head.fc2": "TSD_pr_fcs.1",
-    "tsd_head{s}.predictor.cls_score": "TSD_fc_cls", "tsd_head{s}.predictor.bbox_pred": "TSD_fc_reg",
+    "tsd_head{s}.predictor.cls_score": "TSD_fc_cls",
+    "tsd_head{s}.predictor.bbox_pred": "TSD_fc_reg",
 }
 
 
@@ -51,7 +52,9 @@ def to_mmdet(d2_state, stages=None):
         if m:
             out["backbone.conv1.weight" if m.group(2) is None else f"backbone.bn1.{m.group(2)}"] = v
             continue
-        m = re.fullmatch(r"backbone\.bottom_up\.res(\d)\.(\d+)\.(conv\d|shortcut)\.(weight|norm\.(\w+))", k)
+        m = re.fullmatch(
+            r"backbone\.bottom_up\.res(\d)\.(\d+)\.(conv\d|shortcut)\.(weight|norm\.(\w+))", k
+        )
         if m:
             layer = f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}."
             conv, norm = m.group(3), m.group(5)
