@@ -47,6 +47,7 @@ def build_res2net(
     deform_on_per_stage: Sequence[bool] = (False, False, False, False),
     deform_modulated: bool = False,
     deform_num_groups: int = 1,
+    zero_init_residual: bool = False,
     num_classes: Optional[int] = None,
 ) -> ResNet:
     """Build a Res2Net trunk (spec §1).
@@ -99,6 +100,7 @@ def build_res2net(
                 deform=bool(deform_on_per_stage[idx]),
                 deform_modulated=deform_modulated,
                 deform_num_groups=deform_num_groups,
+                zero_init_residual=zero_init_residual,
             )
         )
         in_ch, out_ch, width = out_ch, out_ch * 2, width * 2
@@ -129,6 +131,7 @@ def res2net_kwargs_from_config(cfg, input_shape: Optional[ShapeSpec] = None) -> 
         deform_on_per_stage = r.DEFORM_ON_PER_STAGE,
         deform_modulated    = r.DEFORM_MODULATED,
         deform_num_groups   = r.DEFORM_NUM_GROUPS,
+        zero_init_residual  = r.ZERO_INIT_RESIDUAL,
     )
     # fmt: on
 

@@ -52,6 +52,7 @@ class Bottle2neckBlock(CNNBlockBase):
         deform=False,
         deform_modulated=False,
         deform_num_groups=1,
+        zero_init_residual=False,
     ):
         """
         Args:
@@ -65,6 +66,9 @@ class Bottle2neckBlock(CNNBlockBase):
             avg_down (bool): v1b shortcut (avg pool then stride-1 1x1 conv).
             pool_stride1 (bool): pool the last split in a first block even at stride 1.
             deform, deform_modulated, deform_num_groups: deformable K_i (spec §5.5).
+            zero_init_residual (bool): initialise the scale of conv3's norm to 0 so the block
+                starts as its shortcut (Goyal et al. 2017; timm's default). Only matters when
+                training from scratch: pretrained weights overwrite it.
         """
         super().__init__(in_channels, out_channels, stride)
         if scale < 1 or width < 1:
@@ -120,6 +124,8 @@ class Bottle2neckBlock(CNNBlockBase):
                 weight_init.c2_msra_fill(layer)
             elif isinstance(layer, DeformConv3x3):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual and getattr(self.conv3.norm, "weight", None) is not None:
+            nn.init.zeros_(self.conv3.norm.weight)
 
     def _conv_i(self, i, x):
         """K_i (conv, BN_i, ReLU) on the (N, width, H, W) input of split i."""

@@ -51,6 +51,9 @@ def add_res2net_config(cfg):
     _C.MODEL.RES2NET.DEFORM_MODULATED = False
     # Number of deformable offset groups.
     _C.MODEL.RES2NET.DEFORM_NUM_GROUPS = 1
+    # Start every block as its shortcut (scale of conv3's norm = 0). Only for training from
+    # scratch (e.g. the tiny test models); ImageNet weights overwrite it.
+    _C.MODEL.RES2NET.ZERO_INIT_RESIDUAL = False
     # build_res2net_p67_fpn_backbone: input of P6 ("res5" = C5 as in RetinaNet, or "p5").
     _C.MODEL.RES2NET.P67_IN_FEATURE = "res5"
     # build_res2net_p67_fpn_backbone: ReLU between P6 and P7 (Detectron2's LastLevelP6P7).

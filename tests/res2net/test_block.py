@@ -107,3 +107,13 @@ def test_v1b_shortcut_avg_pools_before_the_1x1():
     pooled = F.avg_pool2d(x, 2, stride=2, ceil_mode=True, count_include_pad=False)
     torch.testing.assert_close(rec["out"], F.relu(block.conv3(rec["cat"]) + block.shortcut(pooled)))
     assert rec["out"].shape[2:] == (5, 4)  # ceil(9/2), ceil(7/2)
+
+
+def test_zero_init_residual_starts_as_the_shortcut():
+    # MODEL.RES2NET.ZERO_INIT_RESIDUAL (training from scratch): conv3's norm scale starts at 0.
+    torch.manual_seed(2)
+    block = Bottle2neckBlock(16, 16, width=3, scale=4, norm="BN", zero_init_residual=True).eval()
+    assert torch.count_nonzero(block.conv3.norm.weight) == 0
+    x = torch.randn(2, 16, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), F.relu(x + block.conv3.norm.bias.view(1, -1, 1, 1)))
