@@ -63,7 +63,8 @@ class DynamicROIHeads(StandardROIHeads):
         super().__init__(**kwargs)
         if not isinstance(self.proposal_matcher, DynamicMatcher):
             raise TypeError(
-                f"DynamicROIHeads needs a DynamicMatcher, got {type(self.proposal_matcher).__name__}"
+                "DynamicROIHeads needs a DynamicMatcher, got "
+                f"{type(self.proposal_matcher).__name__}"
             )
         if getattr(self.box_predictor, "box_reg_loss_type", "smooth_l1") != "smooth_l1":
             raise ValueError(
@@ -193,7 +194,8 @@ class DynamicROIHeads(StandardROIHeads):
                 continue
             if m.shape[1] != len(props):
                 raise RuntimeError(
-                    f"DynamicROIHeads: IoU matrix has {m.shape[1]} columns for {len(props)} proposals"
+                    f"DynamicROIHeads: IoU matrix has {m.shape[1]} columns for "
+                    f"{len(props)} proposals"
                 )
             recorded.append(original_recorded_ious(m, thr))
             gt_index = torch.where(labels == 1, matches, torch.zeros_like(matches))

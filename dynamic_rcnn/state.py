@@ -93,7 +93,9 @@ class DynamicTrainingState(nn.Module):
                 f"{initial_beta} and {beta_cap}"
             )
         if median not in ("numpy", "upper"):
-            raise ValueError(f"MODEL.DYNAMIC_RCNN.MEDIAN must be 'numpy' or 'upper', got {median!r}")
+            raise ValueError(
+                f"MODEL.DYNAMIC_RCNN.MEDIAN must be 'numpy' or 'upper', got {median!r}"
+            )
         self.update_iters = int(update_iters)
         self.iou_floor = float(iou_floor)
         self.beta_cap = float(beta_cap)
@@ -179,7 +181,9 @@ class DynamicTrainingState(nn.Module):
     def update(self) -> None:
         """Window update of T_now and beta_now (spec §2.3, §3.3), then clear the windows."""
         if self.sync:
-            ious = torch.cat([self.iou_window[r, : self.iou_count[r]] for r in range(self.world_size)])
+            ious = torch.cat(
+                [self.iou_window[r, : self.iou_count[r]] for r in range(self.world_size)]
+            )
             betas = torch.cat(
                 [self.beta_window[r, : self.beta_count[r]] for r in range(self.world_size)]
             )
@@ -226,11 +230,14 @@ class DynamicTrainingState(nn.Module):
         key = prefix + "iou_thr"
         saved_w = state_dict[key].shape[0] if key in state_dict else w
         key = prefix + "iou_window"
-        saved_c = state_dict[key].shape[1] if key in state_dict and state_dict[key].dim() == 2 else c
+        saved_c = (
+            state_dict[key].shape[1] if key in state_dict and state_dict[key].dim() == 2 else c
+        )
         if saved_w != w or saved_c != c:
             logger.warning(
                 f"Dynamic R-CNN state in the checkpoint has world size {saved_w} and window "
-                f"{saved_c}; this run has {w} and {c}: rank r resumes from saved rank r % {saved_w}."
+                f"{saved_c}; this run has {w} and {c}: rank r resumes from saved rank "
+                f"r % {saved_w}."
             )
             rows = torch.arange(w) % saved_w
             for name in _PER_RANK:

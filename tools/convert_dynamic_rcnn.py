@@ -7,7 +7,8 @@ detected from the key names unless --source is given. Every upstream key is mapp
 explicitly dropped; the classifier / regressor rows are reordered to Detectron2's layout.
 
 Example:
-    python tools/convert_dynamic_rcnn.py dynamic_rcnn_r50_fpn_1x.pth dynamic_rcnn_R_50_FPN_1x_d2.pth \
+    python tools/convert_dynamic_rcnn.py dynamic_rcnn_r50_fpn_1x.pth \
+        dynamic_rcnn_R_50_FPN_1x_d2.pth \
         --config-file configs/dynamic_rcnn/dynamic_rcnn_R_50_FPN_1x.yaml
     # then MODEL.WEIGHTS dynamic_rcnn_R_50_FPN_1x_d2.pth (and, for "orig" weights, the input
     # settings listed in dynamic_rcnn/README.md).

@@ -53,23 +53,28 @@ def _orig_name(k):
             return theirs + k[len(ours):]
     k = re.sub(r"^backbone\.bottom_up\.stem\.conv1\.norm\.", "backbone.body.stem.bn1.", k)
     k = re.sub(r"^backbone\.bottom_up\.stem\.conv1\.", "backbone.body.stem.conv1.", k)
-    k = re.sub(r"^backbone\.bottom_up\.res(\d)\.", lambda m: f"backbone.body.layer{int(m[1]) - 1}.", k)
+    k = re.sub(r"^backbone\.bottom_up\.res(\d)\.",
+               lambda m: f"backbone.body.layer{int(m[1]) - 1}.", k)
     k = re.sub(r"\.shortcut\.norm\.", ".downsample.1.", k)
     k = re.sub(r"\.shortcut\.", ".downsample.0.", k)
     k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
-    k = re.sub(r"^backbone\.fpn_lateral(\d)\.", lambda m: f"backbone.fpn.fpn_inner{int(m[1]) - 1}.", k)
-    k = re.sub(r"^backbone\.fpn_output(\d)\.", lambda m: f"backbone.fpn.fpn_layer{int(m[1]) - 1}.", k)
+    k = re.sub(r"^backbone\.fpn_lateral(\d)\.",
+               lambda m: f"backbone.fpn.fpn_inner{int(m[1]) - 1}.", k)
+    k = re.sub(r"^backbone\.fpn_output(\d)\.",
+               lambda m: f"backbone.fpn.fpn_layer{int(m[1]) - 1}.", k)
     return k
 
 
 def _mm_name(k, head_prefix):
     k = re.sub(r"^backbone\.bottom_up\.stem\.conv1\.norm\.", "backbone.bn1.", k)
     k = re.sub(r"^backbone\.bottom_up\.stem\.conv1\.", "backbone.conv1.", k)
-    k = re.sub(r"^backbone\.bottom_up\.res(\d)\.", lambda m: f"backbone.layer{int(m[1]) - 1}.", k)
+    k = re.sub(r"^backbone\.bottom_up\.res(\d)\.",
+               lambda m: f"backbone.layer{int(m[1]) - 1}.", k)
     k = re.sub(r"\.shortcut\.norm\.", ".downsample.1.", k)
     k = re.sub(r"\.shortcut\.", ".downsample.0.", k)
     k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
-    k = re.sub(r"^backbone\.fpn_lateral(\d)\.", lambda m: f"neck.lateral_convs.{int(m[1]) - 2}.conv.", k)
+    k = re.sub(r"^backbone\.fpn_lateral(\d)\.",
+               lambda m: f"neck.lateral_convs.{int(m[1]) - 2}.conv.", k)
     k = re.sub(r"^backbone\.fpn_output(\d)\.", lambda m: f"neck.fpn_convs.{int(m[1]) - 2}.conv.", k)
     k = k.replace("proposal_generator.rpn_head.conv.", "rpn_head.rpn_conv.")
     k = k.replace("proposal_generator.rpn_head.objectness_logits.", "rpn_head.rpn_cls.")
