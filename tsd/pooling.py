@@ -112,7 +112,7 @@ def _pool_from_rows(
     """Core of the operator on channels-last feature rows.
 
     Every bin is a weighted sum of S·S·4 feature rows (S×S bilinear samples, 4 neighbours
-    each) with weights ``bilinear · valid``, divided by the valid count; it is evaluated with
+    each) with weights ``bilinear · valid / count``; it is evaluated with
     ``F.embedding_bag(mode="sum", per_sample_weights=...)``, whose backward gives the feature
     gradient (scatter-add) and, through the weights, the offset gradient. Memory stays
     O(R·k²·S²) instead of the O(R·C·(kS)²) of a `grid_sample` formulation.
@@ -140,8 +140,9 @@ def _pool_from_rows(
     x1, y1 = torch.minimum(x0 + 1, W - 1), torch.minimum(y0 + 1, H - 1)
     lx, ly = xc - x0, yc - y0
     hx, hy = 1 - lx, 1 - ly
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1)
-    weights = weights * valid[..., None].to(weights.dtype)
+    # the mean over the valid samples (spec §3 step 6) is folded into the weights
+    scale = valid.to(xs.dtype) / count.to(xs.dtype)
+    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1) * scale[..., None]
     base = row_base.view(-1, 1, 1, 1, 1)
     Wl = widths.view(-1, 1, 1, 1, 1)
     y0, y1, x0, x1 = y0.long(), y1.long(), x0.long(), x1.long()
@@ -154,8 +155,7 @@ def _pool_from_rows(
         rows,
         per_sample_weights=weights.reshape(R * k * k, taps).to(rows.dtype),
         mode="sum",
-    )  # (R·k·k, C): sum over the valid samples, then the mean (spec §3 step 6)
-    out = out / count.reshape(R * k * k, 1).to(out.dtype)
+    )  # (R·k·k, C)
     return out.view(R, k, k, C).permute(0, 3, 1, 2)
 
 

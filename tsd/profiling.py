@@ -41,8 +41,9 @@ def synthetic_batch(size, num_images=1, num_boxes=5, seed=0, device="cpu"):
     return batch
 
 
-def pooling_share(model, batch, task="eval", iters=2):
-    """Returns (pooling seconds, total seconds, wall seconds) per iteration."""
+def pooling_share(model, batch, task="eval", iters=2, table_rows=0):
+    """Returns (pooling seconds, total seconds, wall seconds) per iteration; with
+    ``table_rows`` > 0 also prints the profiler's top ops by self time."""
     model.train(task == "train")
     cuda = next(model.parameters()).is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -71,6 +72,8 @@ def pooling_share(model, batch, task="eval", iters=2):
                if e.key == POOL_SCOPE or (e.key.startswith("autograd::engine::evaluate_function")
                                           and POOL_BACKWARD in e.key))
     total = sum(getattr(e, self_attr) for e in events)
+    if table_rows:
+        print(events.table(sort_by=self_attr, row_limit=table_rows))
     return pool / 1e6 / iters, total / 1e6 / iters, wall
 
 
@@ -81,16 +84,20 @@ def main(argv=None):
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--table", type=int, default=0, help="print the N most expensive ops")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
     cfg = get_cfg()
     add_tsd_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = synthetic_batch(args.size, args.batch, device=cfg.MODEL.DEVICE)
-    pool, total, wall = pooling_share(model, batch, args.task, args.iters)
+    pool, total, wall = pooling_share(model, batch, args.task, args.iters, args.table)
     print(f"{args.task} {args.size[0]}x{args.size[1]} batch {args.batch}: wall {wall:.3f} s/iter, "
           f"profiled total {total:.3f} s, deformable pooling {pool:.3f} s "
           f"({100 * pool / max(total, 1e-12):.1f} %)")
