@@ -18,6 +18,7 @@ import os
 import torch
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from .config import load_config
@@ -112,7 +113,7 @@ def train_and_evaluate(cfg, output_dir):
     cfg = cfg.clone()
     cfg.OUTPUT_DIR = str(output_dir)
     cfg.freeze()
-    torch.manual_seed(0)
+    seed_all_rng(cfg.SEED if cfg.SEED >= 0 else 0)  # torch, numpy (the sampler's seed), random
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
