@@ -59,17 +59,22 @@ def build_res2net(
     ``out_features`` -> (N, C, ceil(H / stride), ceil(W / stride)).
     """
     if depth not in BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RES2NET.DEPTH must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
+        raise ValueError(
+            f"MODEL.RES2NET.DEPTH must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"MODEL.RES2NET.VARIANT must be one of {VARIANTS}, got {variant!r}")
     if res5_dilation not in (1, 2):
         raise ValueError(f"MODEL.RES2NET.RES5_DILATION must be 1 or 2, got {res5_dilation}")
     if len(deform_on_per_stage) != 4:
         raise ValueError(
-            f"MODEL.RES2NET.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform_on_per_stage}"
+            "MODEL.RES2NET.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), "
+            f"got {deform_on_per_stage}"
         )
     if variant == "v1b" and stem_out_channels % 2:
-        raise ValueError(f"MODEL.RES2NET.STEM_OUT_CHANNELS must be even for v1b, got {stem_out_channels}")
+        raise ValueError(
+            f"MODEL.RES2NET.STEM_OUT_CHANNELS must be even for v1b, got {stem_out_channels}"
+        )
     norm_layer = make_norm(norm, gn_num_groups)
     if variant == "v1":
         stem = BasicStem(in_channels, stem_out_channels, norm=norm_layer)
@@ -167,7 +172,9 @@ def build_res2net_p67_fpn_backbone(cfg, input_shape: ShapeSpec):
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     if r.P67_IN_FEATURE == "res5":
         if "res5" not in r.OUT_FEATURES:
-            raise ValueError("MODEL.RES2NET.P67_IN_FEATURE='res5' needs 'res5' in MODEL.RES2NET.OUT_FEATURES")
+            raise ValueError(
+                "MODEL.RES2NET.P67_IN_FEATURE='res5' needs 'res5' in MODEL.RES2NET.OUT_FEATURES"
+            )
         in_channels = r.RES2_OUT_CHANNELS * 8
     else:
         in_channels = out_channels

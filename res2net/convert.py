@@ -118,8 +118,9 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     if any(k in ("conv1.weight", "conv1.0.weight") for k in keys):
         return "official"
     raise ConversionError(
-        "cannot recognise the checkpoint layout (no 'conv1.weight'/'conv1.0.weight' (official/timm),"
-        " 'stem.0.weight' (mmdet) or 'backbone.body.*' (maskrcnn-benchmark) key); first keys: "
+        "cannot recognise the checkpoint layout (no 'conv1.weight'/'conv1.0.weight' "
+        "(official/timm), 'stem.0.weight' (mmdet) or 'backbone.body.*' (maskrcnn-benchmark) "
+        "key); first keys: "
         + ", ".join(keys[:5])
     )
 
@@ -154,7 +155,9 @@ def infer_architecture(body: Mapping[str, torch.Tensor], layout: str) -> dict:
     width = need(k1).shape[0]
     inner = conv1.shape[0]
     if inner % width:
-        raise ConversionError(f"layer1.0.conv1 has {inner} channels, not a multiple of width {width}")
+        raise ConversionError(
+            f"layer1.0.conv1 has {inner} channels, not a multiple of width {width}"
+        )
     scale = inner // width
     num_convs = len({k for k in body if re.match(r"^layer1\.0\.convs\.\d+\.weight$", k)})
     if k1.endswith("convs.0.weight") and num_convs != max(scale - 1, 1):
@@ -167,7 +170,9 @@ def infer_architecture(body: Mapping[str, torch.Tensor], layout: str) -> dict:
     ]
     depths = [d for d, b in BLOCKS_PER_STAGE.items() if b == blocks]
     if not depths:
-        raise ConversionError(f"blocks per stage {blocks} match no supported depth {BLOCKS_PER_STAGE}")
+        raise ConversionError(
+            f"blocks per stage {blocks} match no supported depth {BLOCKS_PER_STAGE}"
+        )
     deform = [any(re.match(rf"^layer{i}\.\d+\.convs\.\d+\.conv_offset\.", k) for k in body)
               for i in range(1, 5)]
     arch = dict(
@@ -209,7 +214,8 @@ def convert_res2net_state_dict(
         prefix: prepended to every converted key: ``"backbone.bottom_up."`` for
             ``build_res2net_fpn_backbone`` / ``build_res2net_p67_fpn_backbone`` detectors,
             ``"backbone."`` for ``build_res2net_backbone``, ``""`` for a bare trunk.
-        keep_fc: map the ImageNet ``fc`` to the trunk's ``linear`` classifier instead of dropping it.
+        keep_fc: map the ImageNet ``fc`` to the trunk's ``linear`` classifier instead of
+            dropping it.
         drop_non_backbone: drop (and count) the neck/head keys of a whole-detector checkpoint;
             otherwise they are reported as unknown keys.
 
@@ -262,7 +268,9 @@ def convert_res2net_state_dict(
     expected = None if any(arch["deform_on_per_stage"]) else EXPECTED_TENSOR_COUNTS.get(key_arch)
     num_backbone = sum(not k.startswith("linear.") for k in converted)
     if expected is not None and num_backbone != expected:
-        raise ConversionError(f"{key_arch}: {num_backbone} converted tensors, spec §7 expects {expected}")
+        raise ConversionError(
+            f"{key_arch}: {num_backbone} converted tensors, spec §7 expects {expected}"
+        )
     info = dict(layout=layout, arch=arch, dropped=dropped, num_converted=num_backbone)
     return {prefix + k: v for k, v in converted.items()}, info
 

@@ -25,7 +25,9 @@ def make_norm(norm: str, gn_num_groups: int = 2):
     if norm != "GN":
         return lambda channels: get_norm(norm, channels)
     if not isinstance(gn_num_groups, int) or gn_num_groups < 1:
-        raise ValueError(f"MODEL.RES2NET.GN_NUM_GROUPS must be a positive int, got {gn_num_groups!r}")
+        raise ValueError(
+            f"MODEL.RES2NET.GN_NUM_GROUPS must be a positive int, got {gn_num_groups!r}"
+        )
 
     def group_norm(channels):
         if channels % gn_num_groups:

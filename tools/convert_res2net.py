@@ -16,7 +16,9 @@ from res2net.convert import LAYOUTS, convert_res2net_checkpoint
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("src", help="upstream checkpoint (.pth)")
     parser.add_argument("dst", nargs="?", default=None,
                         help="output file (default: the configs' name, e.g. "
@@ -39,9 +41,10 @@ def main(argv=None):
         print(f"error: {args.src}: {e}", file=sys.stderr)
         return 1
     arch = info["arch"]
+    dropped_kinds = ", ".join(sorted({k.split(".")[-1] for k in info["dropped"]}))
     print(f"{args.src}: {info['layout']} layout, {arch['variant']} depth {arch['depth']} "
           f"{arch['base_width']}w x {arch['scale']}s; {info['num_converted']} backbone tensors "
-          f"converted, {len(info['dropped'])} dropped ({', '.join(sorted(set(k.split('.')[-1] for k in info['dropped']))) or '-'})")
+          f"converted, {len(info['dropped'])} dropped ({dropped_kinds or '-'})")
     print(f"wrote {dst}")
     print("config: MODEL.RES2NET.VARIANT {variant} MODEL.RES2NET.DEPTH {depth} "
           "MODEL.RES2NET.BASE_WIDTH {base_width} MODEL.RES2NET.SCALE {scale} "

@@ -90,13 +90,14 @@ def assert_same(converted, d2, prefix="backbone.bottom_up."):
 
 @pytest.mark.parametrize(
     "variant,depth,width,scale,n_src,n_dst",
-    [("v1", 50, 26, 4, 512, 425), ("v1b", 50, 26, 4, 524, 435), ("v1b", 101, 26, 4, 1034, 860), ("v1", 50, 48, 2, 320, 265), ("v1", 50, 14, 8, 896, 745)],
+    [("v1", 50, 26, 4, 512, 425), ("v1b", 50, 26, 4, 524, 435), ("v1b", 101, 26, 4, 1034, 860),
+     ("v1", 50, 48, 2, 320, 265), ("v1", 50, 14, 8, 896, 745)],
 )
 def test_official_timm_round_trip_and_counts(variant, depth, width, scale, n_src, n_dst):
     d2 = random_d2_state(variant=variant, depth=depth, base_width=width, scale=scale)
     src = to_layout(d2, "official", variant)
     assert len(src) == n_src  # §4.1 counts with num_batches_tracked and fc
-    assert len(src) - sum(k.endswith("num_batches_tracked") for k in src) == n_src - (n_src - n_dst - 2)
+    assert len(src) - sum(k.endswith("num_batches_tracked") for k in src) == n_dst + 2  # + fc
     assert detect_layout(src) == "official"
     converted, info = convert_res2net_state_dict(src)
     assert info["num_converted"] == n_dst and len(info["dropped"]) == n_src - n_dst
