@@ -76,7 +76,8 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
         offsets: (R, 2, k, k) raw offsets (channel 0 = x, 1 = y) or None for no translation.
         spatial_scale: float or (R,) tensor.
     Returns:
-        xs, ys: (R, k, k, S, S) feature-map coordinates, index order (r, ph, pw, ih, iw).
+        xs: (R, k, k, 1, S) and ys: (R, k, k, S, 1) feature-map coordinates, index order
+        (r, ph, pw, ih, iw); x does not depend on ih nor y on iw (separable sample grid).
     """
     k, S = output_size, samples_per_bin
     boxes = boxes.detach()  # spec §3 step 7: no gradient to the RoI coordinates
@@ -92,8 +93,7 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
         off = offsets.to(boxes.dtype) * gamma
         base_x = base_x + (off[:, 0] * roi_w.view(-1, 1, 1))[:, :, :, None, None]
         base_y = base_y + (off[:, 1] * roi_h.view(-1, 1, 1))[:, :, :, None, None]
-    R = boxes.shape[0]
-    return base_x.expand(R, k, k, S, S), base_y.expand(R, k, k, S, S)
+    return base_x, base_y
 
 
 def _pool_from_rows(
@@ -128,27 +128,29 @@ def _pool_from_rows(
     R, C = boxes.shape[0], rows.shape[1]
     if R == 0:
         return rows.new_zeros((0, C, k, k))
-    xs, ys = _sample_points(boxes, offsets, scales, k, S, gamma, legacy)  # (R, k, k, S, S)
-    W = widths.to(xs.dtype).view(-1, 1, 1, 1, 1)
-    H = heights.to(xs.dtype).view(-1, 1, 1, 1, 1)
-    valid = (xs >= -0.5) & (xs <= W - 0.5) & (ys >= -0.5) & (ys <= H - 0.5)
-    count = valid.sum(dim=(3, 4), keepdim=True).clamp(min=1)  # valid samples per bin
-    # clamp into the map (spec §3 step 4); neighbours x0 = floor(x), x1 = min(x0 + 1, W - 1)
-    xc = torch.minimum(xs.clamp(min=0), W - 1)
-    yc = torch.minimum(ys.clamp(min=0), H - 1)
+    xs, ys = _sample_points(boxes, offsets, scales, k, S, gamma, legacy)
+    # Separable construction: within a bin, the S×S samples form a product grid and the
+    # validity test, clamping and bilinear weights factor into x and y parts, so every
+    # quantity below is computed on (R, k, k, S) and combined by one outer product.
+    Wf = widths.to(xs.dtype).view(-1, 1, 1, 1, 1)
+    Hf = heights.to(xs.dtype).view(-1, 1, 1, 1, 1)
+    valid_x = (xs >= -0.5) & (xs <= Wf - 0.5)  # (R, k, k, 1, S)
+    valid_y = (ys >= -0.5) & (ys <= Hf - 0.5)  # (R, k, k, S, 1)
+    count = (valid_x.sum(dim=4, keepdim=True) * valid_y.sum(dim=3, keepdim=True)).clamp(min=1)
+    # clamp into the map (spec §3 step 4); neighbours p0 = floor(p), p1 = min(p0 + 1, size - 1)
+    xc = torch.minimum(xs.clamp(min=0), Wf - 1)
+    yc = torch.minimum(ys.clamp(min=0), Hf - 1)
     x0, y0 = xc.detach().floor(), yc.detach().floor()
-    x1, y1 = torch.minimum(x0 + 1, W - 1), torch.minimum(y0 + 1, H - 1)
+    x1, y1 = torch.minimum(x0 + 1, Wf - 1), torch.minimum(y0 + 1, Hf - 1)
     lx, ly = xc - x0, yc - y0
-    hx, hy = 1 - lx, 1 - ly
-    # the mean over the valid samples (spec §3 step 6) is folded into the weights
-    scale = valid.to(xs.dtype) / count.to(xs.dtype)
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], dim=-1) * scale[..., None]
-    base = row_base.view(-1, 1, 1, 1, 1)
+    # the mean over the valid samples (spec §3 step 6) is folded into the y weights
+    wx = torch.stack([1 - lx, lx], dim=-1) * valid_x[..., None].to(xs.dtype)  # (R,k,k,1,S,2)
+    wy = torch.stack([1 - ly, ly], dim=-1) * (valid_y.to(ys.dtype) / count)[..., None]
+    weights = wy[..., :, None] * wx[..., None, :]  # (R, k, k, S, S, 2, 2)
     Wl = widths.view(-1, 1, 1, 1, 1)
-    y0, y1, x0, x1 = y0.long(), y1.long(), x0.long(), x1.long()
-    index = torch.stack(
-        [base + y0 * Wl + x0, base + y0 * Wl + x1, base + y1 * Wl + x0, base + y1 * Wl + x1], dim=-1
-    )
+    row = row_base.view(-1, 1, 1, 1, 1, 1) + torch.stack([y0, y1], dim=-1).long() * Wl[..., None]
+    col = torch.stack([x0, x1], dim=-1).long()
+    index = row[..., :, None] + col[..., None, :]  # (R, k, k, S, S, 2, 2)
     taps = S * S * 4
     out = F.embedding_bag(
         index.reshape(R * k * k, taps),
