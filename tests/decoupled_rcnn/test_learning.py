@@ -11,8 +11,8 @@ from projects.testing import TINY_RCNN_OPTS, TINY_RESNET_OPTS, load_config, trai
 CONFIG = projects.model_zoo.get_config_file("decoupled_rcnn/decoupled_rcnn_R_50_FPN_2x.yaml")
 ITERS = 300
 # Bar for "learned": an untrained model scores ~0 bbox AP on shapes_val; this tiny model
-# reached 13.0 and 11.7 bbox AP in two measured runs of ITERS iterations (the tiny Mask R-CNN of the
-# foundation tests: 10.0).
+# reached 13.0 and 11.7 bbox AP in two measured runs of ITERS iterations (the tiny Mask R-CNN
+# of the foundation tests: 10.0).
 MIN_BBOX_AP = 5.0
 
 
