@@ -17,9 +17,12 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.py Makefile
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The whole test suite (CPU, tiny models); about 15 minutes on 2 cores.
+# The whole test suite (CPU, tiny models). Two pytest workers with one intra-op thread each
+# (tests/conftest.py) keep both cores busy; a test file stays on one worker (--dist loadfile)
+# so its module-scoped trained model is built once.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests -q -ra --durations=25
+	$(PY) -m pytest tests -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # Train the quickstart Mask R-CNN on the built-in `shapes` dataset, evaluate it, and write
 # visualisations of its predictions on shapes_val to output/demo/vis.
