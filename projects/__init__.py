@@ -9,6 +9,7 @@ import dynamic_rcnn  # noqa: F401
 import rdsnet  # noqa: F401
 import res2net  # noqa: F401
 import tsd  # noqa: F401
+import projects_common.deform  # noqa: F401  (registers build_resnet_tv_deform_fpn_backbone)
 
 from . import model_zoo
 from .config import add_all_configs, get_cfg, load_config
