@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "try_load_weights",
     "count_parameters",
+    "model_state_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,3 +125,12 @@ def count_parameters(module: torch.nn.Module) -> int:
         if isinstance(m, FrozenBatchNorm2d):
             n += m.weight.numel() + m.bias.numel()
     return n
+
+
+def model_state_shapes(config_file: str, opts=()):
+    """``{state-dict key: shape}`` of the model ``config_file`` builds (on CPU, no weights):
+    what a checkpoint converter must produce exactly."""
+    from detectron2.modeling import build_model as _build
+
+    cfg = projects.load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
+    return {k: tuple(v.shape) for k, v in _build(cfg).state_dict().items()}

@@ -5,7 +5,6 @@ the feature named ``in_feature`` ("res5" = C5, "p5" = P5). Some upstream code ba
 mmdetection v1's RetinaNet-style necks with ``relu_before_extra_convs=False``) have no ReLU
 there; `build_p6p7_block` returns the right variant so converted checkpoints match exactly.
 """
-import torch.nn.functional as F
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
 __all__ = ["LastLevelP6P7NoReLU", "build_p6p7_block"]

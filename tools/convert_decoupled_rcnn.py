@@ -16,9 +16,7 @@ The logic lives in `decoupled_rcnn.convert`; see decoupled_rcnn/README.md.
 import argparse
 import sys
 
-from detectron2.modeling import build_model
-
-from projects import load_config
+from projects.tools_common import model_state_shapes
 from projects_common.checkpoint import ConversionError
 from decoupled_rcnn.convert import ROI_HEAD_TENSORS, convert_decoupled_rcnn_checkpoint
 
@@ -35,10 +33,7 @@ def main(argv=None):
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, KEY VALUE pairs (e.g. MODEL.ROI_HEADS.NUM_CLASSES)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
-    model = build_model(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    del model
+    shapes = model_state_shapes(args.config_file, args.opts)
     try:
         info = convert_decoupled_rcnn_checkpoint(args.src, args.dst, shapes, args.backbone_only)
     except ConversionError as e:

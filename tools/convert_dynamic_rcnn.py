@@ -18,17 +18,8 @@ The logic lives in `dynamic_rcnn.convert`; see dynamic_rcnn/README.md.
 import argparse
 import sys
 
+from projects.tools_common import model_state_shapes
 from projects_common.checkpoint import ConversionError
-
-
-def _target_shapes(config_file, opts):
-    """Shapes of the model the converted file must load into (built on CPU)."""
-    from detectron2.modeling import build_model
-
-    import projects
-
-    cfg = projects.load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
-    return {k: v.shape for k, v in build_model(cfg).state_dict().items()}
 
 
 def main(argv=None):
@@ -45,7 +36,7 @@ def main(argv=None):
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE overrides for --config-file")
     args = parser.parse_args(argv)
-    shapes = _target_shapes(args.config_file, args.opts) if args.config_file else None
+    shapes = model_state_shapes(args.config_file, args.opts) if args.config_file else None
     try:
         source, n_conv, n_drop = convert_checkpoint(
             args.src, args.dst, None if args.source == "auto" else args.source, shapes)

@@ -14,9 +14,7 @@ to evaluate converted weights closest to the original code).
 import argparse
 import sys
 
-from detectron2.modeling import build_model
-
-from projects import load_config
+from projects.tools_common import model_state_shapes
 from projects_common.checkpoint import ConversionError
 from tsd.convert import convert_tsd_checkpoint
 
@@ -31,10 +29,7 @@ def main(argv=None):
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
-    model = build_model(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    del model
+    shapes = model_state_shapes(args.config_file, args.opts)
     try:
         out = convert_tsd_checkpoint(args.src, args.dst, shapes)
     except ConversionError as e:

@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: F401 (re-export)
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
