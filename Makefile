@@ -33,4 +33,4 @@ demo: setup
 	echo "make demo: trained and evaluated in $$(( $$(date +%s) - start )) s" && \
 	$(PY) tools/demo.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
 		--input "$$($(PY) -c 'import projects; print(projects.shapes_image_glob("shapes_val"))')" \
-		--output output/demo/vis --max-images 8 --opts MODEL.WEIGHTS output/demo/model_final.pth
+		--output output/demo/vis --max-images 8 --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/demo/model_final.pth
