@@ -8,9 +8,9 @@
 GroupNorm, trained from scratch (FrozenBN from random weights diverges), 96-128 px images,
 batch 4, no loader workers, 300 iterations at lr 0.05. Measured on `shapes_val` with the
 quickstart Mask R-CNN: 1.1 bbox AP after 200 iterations with BatchNorm at lr 0.02 (lr 0.05
-diverged), 10.0 bbox / 11.6 mask AP after 300 iterations with GroupNorm at lr 0.05. `TINY_RCNN_OPTS` adds small RPN/ROI settings for
-two-stage models. `SWEEP_OPTS` only shrink inputs/batch/dataset for the one-iteration sweep
-over full-size configs.
+diverged), 10.0 bbox / 11.6 mask AP after 300 iterations with GroupNorm at lr 0.05.
+`TINY_RCNN_OPTS` adds small RPN/ROI settings for two-stage models. `SWEEP_OPTS` only shrink
+inputs/batch/dataset for the one-iteration sweep over full-size configs.
 """
 import math
 import os
