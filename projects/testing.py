@@ -25,12 +25,16 @@ from .config import load_config
 from .data import CheckedDatasetMapper
 from .engine import Trainer
 
-__all__ = ["TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
+__all__ = ["TEST_DEVICE", "TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
            "run_one_training_iteration", "train_and_evaluate", "repo_root", "ddp_train_worker"]
+
+# Device of the models the tests build: "cpu" (CI), or "cuda" to run the same tests on a GPU
+# (`TEST_DEVICE=cuda make test`; tools/gpu_check.sh does this).
+TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 
 _DATA_OPTS = [
     "MODEL.WEIGHTS", "",
-    "MODEL.DEVICE", "cpu",
+    "MODEL.DEVICE", TEST_DEVICE,
     "DATASETS.TRAIN", ("shapes_train",),
     "DATASETS.TEST", ("shapes_val",),
     "DATALOADER.NUM_WORKERS", 0,

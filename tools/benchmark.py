@@ -50,6 +50,7 @@ import sys
 import time
 
 SPEC_SEPARATOR = "::"
+STAGE_COLUMNS = ("backbone", "proposals", "heads", "postprocess")  # projects.benchmarking.STAGES
 MESSAGE_PREFIX = "@@BENCHMARK "  # worker -> parent protocol lines on the worker's stdout
 
 
@@ -77,6 +78,15 @@ def get_parser():
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per config")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads in each worker (0: torch's default)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each model's inference GFLOPs (fvcore, one traced "
+                             "forward on the benchmark input) and print the FLOPs ratio")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep frozen BatchNorm of randomly initialised models at identity "
+                             "statistics (activations may explode; see projects.benchmarking)")
+    parser.add_argument("--allow-unequal-work", action="store_true",
+                        help="print time ratios even when the models did different amounts "
+                             "of work (proposals / detections per image)")
     parser.add_argument("--json", default="", metavar="FILE", help="also write results as JSON")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides applied to every config (must come last)")
@@ -148,7 +158,7 @@ class Worker:
 
 
 def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, warmup=2,
-        threads=0, opts=()):
+        threads=0, opts=(), flops=False, calibrate=True, allow_unequal_work=False):
     """Benchmark `specs` (see the module docstring) and return one result dict per config."""
     if labels and len(labels) != len(specs):
         raise BenchmarkError(f"{len(labels)} labels for {len(specs)} configs")
@@ -159,18 +169,19 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
     for spec in specs:
         path, config_opts = parse_spec(spec, opts)
         jobs.append({"config_file": path, "opts": config_opts, "task": task,
-                     "size": list(size), "batch": batch, "threads": threads})
+                     "size": list(size), "batch": batch, "threads": threads,
+                     "flops": flops, "calibrate": calibrate})
     workers = []
     try:
         workers = [Worker(label, job) for label, job in zip(labels, jobs)]  # start in parallel
         infos = [w.receive() for w in workers]  # "ready" with params, device
-        times = [[] for _ in workers]
+        steps = [[] for _ in workers]
         for it in range(warmup + iters):
             for i, w in enumerate(workers):  # lock-step round-robin: one config at a time
                 w.send("step")
-                seconds = w.receive()["seconds"]
+                message = w.receive()
                 if it >= warmup:
-                    times[i].append(seconds)
+                    steps[i].append(message)
             if it + 1 == warmup:
                 for w in workers:
                     w.send("reset_memory")
@@ -183,29 +194,89 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
         for w in workers:
             w.close()
     results = []
-    for label, job, info, final, t in zip(labels, jobs, infos, finals, times):
+    for label, job, info, final, st in zip(labels, jobs, infos, finals, steps):
+        t = [m["seconds"] for m in st]
         results.append({
             "label": label, "config_file": job["config_file"], "opts": job["opts"],
             "device": info["device"], "params": info["params"],
-            "weights_loaded": info["weights_loaded"], "times_s": t,
+            "weights_loaded": info["weights_loaded"], "calibrated_bn": info["calibrated_bn"],
+            "feature_rms": info["feature_rms"], "gflops": info["gflops"],
+            "proposal_topk": info["proposal_topk"], "times_s": t,
             "median_s": statistics.median(t), "mean_s": statistics.fmean(t),
+            "stages_s": _median_stages(st),
+            "proposals_per_image": _mean_or_none([x for m in st for x in m["proposals"]]),
+            "detections_per_image": _mean_or_none([x for m in st for x in m["detections"]]),
             "peak_mem_mb": final["peak_mem_mb"], "mem_kind": final["mem_kind"],
         })
+    problems = equal_work_problems(results, task)
+    refused = bool(problems) and not allow_unequal_work
     for r in results:
-        r["ratio"] = r["median_s"] / results[0]["median_s"] if results[0]["median_s"] else None
+        r["equal_work_problems"] = problems
+        r["ratio"] = (r["median_s"] / results[0]["median_s"]
+                      if results[0]["median_s"] and not refused else None)
+        r["flops_ratio"] = (r["gflops"] / results[0]["gflops"]
+                            if r["gflops"] and results[0]["gflops"] else None)
     return results
+
+
+def _mean_or_none(values):
+    return statistics.fmean(values) if values else None
+
+
+def _median_stages(step_messages):
+    """Median seconds per stage over the timed iterations ({} when not measured)."""
+    names = sorted({k for m in step_messages for k in m.get("stages", {})})
+    return {k: statistics.median(m.get("stages", {}).get(k, 0.0) for m in step_messages)
+            for k in names}
+
+
+def equal_work_problems(results, task):
+    """Why the models of `results` did not do comparable work (empty list: they did).
+
+    Inference: an R-CNN whose RPN returned fewer proposals per image than its
+    POST_NMS_TOPK_TEST (a trained RPN always fills it on a full-size image; fewer means
+    degenerate boxes, e.g. exploding activations), two R-CNNs with the same top-k but different
+    proposal counts, and models with different detections per image (post-processing and
+    mask heads scale with it). Training: R-CNNs with different proposal counts.
+    """
+    problems = []
+    for r in results:
+        topk, got = r["proposal_topk"], r["proposals_per_image"]
+        if task == "eval" and topk is not None and got is not None and got < topk:
+            problems.append(f"{r['label']}: its RPN returned {got:.0f} proposals per image, "
+                            f"fewer than its POST_NMS_TOPK_TEST={topk}")
+    ref = results[0]
+    for r in results[1:]:
+        if (r["proposals_per_image"] is not None and ref["proposals_per_image"] is not None
+                and r["proposal_topk"] == ref["proposal_topk"]
+                and r["proposals_per_image"] != ref["proposals_per_image"]):
+            problems.append(f"{r['label']}: {r['proposals_per_image']:.1f} proposals per image, "
+                            f"{ref['label']}: {ref['proposals_per_image']:.1f}")
+        if (task == "eval" and r["detections_per_image"] != ref["detections_per_image"]):
+            problems.append(f"{r['label']}: {r['detections_per_image']:.1f} detections per "
+                            f"image, {ref['label']}: {ref['detections_per_image']:.1f}")
+    return problems
 
 
 def format_table(results):
     from tabulate import tabulate
 
-    rows = [[r["label"], f"{r['median_s']:.4f}", f"{r['mean_s']:.4f}",
-             f"{r['ratio']:.3f}" if r["ratio"] is not None else "-",
-             f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-",
-             f"{r['params'] / 1e6:.2f}" if r["params"] is not None else "-"]
-            for r in results]
-    headers = ["config", "median s/iter", "mean s/iter", "ratio vs first", "peak mem MB",
-               "params M"]
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    stages = [s for s in STAGE_COLUMNS if any(s in r["stages_s"] for r in results)]
+    rows = []
+    for r in results:
+        rest = (r["median_s"] - sum(r["stages_s"].values())) if r["stages_s"] else None
+        rows.append([r["label"], f"{r['median_s']:.4f}", f"{r['mean_s']:.4f}",
+                     fmt(r["ratio"], ".3f"), fmt(r["gflops"], ".1f"), fmt(r["flops_ratio"], ".3f")]
+                    + [fmt(r["stages_s"].get(s), ".4f") for s in stages]
+                    + ([fmt(rest, ".4f")] if stages else [])
+                    + [fmt(r["proposals_per_image"], ".0f"), fmt(r["detections_per_image"], ".1f"),
+                       fmt(r["peak_mem_mb"], ".0f"), fmt(r["params"] and r["params"] / 1e6, ".2f")])
+    headers = (["config", "median s/iter", "mean s/iter", "ratio vs first", "GFLOPs",
+                "FLOPs ratio"] + [f"{s} s" for s in stages] + (["rest s"] if stages else [])
+               + ["proposals/img", "detections/img", "peak mem MB", "params M"])
     return tabulate(rows, headers=headers, tablefmt="pipe")
 
 
@@ -215,7 +286,8 @@ def main(argv=None):
         return worker_main(json.loads(args.worker))
     start = time.perf_counter()
     results = run(args.config_file, args.label, args.task, args.size, args.batch, args.iters,
-                  args.warmup, args.threads, args.opts)
+                  args.warmup, args.threads, args.opts, flops=args.flops,
+                  calibrate=not args.no_calibrate, allow_unequal_work=args.allow_unequal_work)
     mem = results[0]["mem_kind"]
     size = "" if args.task == "data" else f", {args.batch}x{args.size[0]}x{args.size[1]} images"
     print(f"task {args.task}{size}, {args.iters} timed + {args.warmup} warmup iterations per "
@@ -228,13 +300,31 @@ def main(argv=None):
     if random_init:
         print("random initialisation (MODEL.WEIGHTS empty or not loadable): "
               + ", ".join(random_init))
+    calibrated = [r["label"] for r in results if r["calibrated_bn"]]
+    if calibrated:
+        print("frozen BatchNorm calibrated on the benchmark input (random weights): "
+              + ", ".join(calibrated))
+    print("largest backbone output RMS: " + ", ".join(
+        f"{r['label']} {r['feature_rms']:.3g}" for r in results if r["feature_rms"] is not None))
+    problems = results[0]["equal_work_problems"]
+    if problems:
+        verdict = ("ratios printed anyway (--allow-unequal-work)" if args.allow_unequal_work
+                   else "no time ratio printed: the models did not do equal work "
+                        "(--allow-unequal-work to print it anyway)")
+        print(f"{verdict}:\n  " + "\n  ".join(problems))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"task": args.task, "size": args.size, "batch": args.batch,
                        "iters": args.iters, "warmup": args.warmup, "threads": args.threads,
                        "results": results}, f, indent=1)
+    if problems and not args.allow_unequal_work:
+        raise UnequalWork()
     return results
+
+
+class UnequalWork(Exception):
+    """Raised by `main` after printing a table whose ratios were refused (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -322,6 +412,14 @@ def worker_main(job):
             try_load_weights,
         )
 
+        from projects.benchmarking import (
+            StageTimer,
+            WorkCounter,
+            calibrate_frozen_batchnorm,
+            feature_rms,
+            instrument_model,
+        )
+
         if job["threads"]:
             torch.set_num_threads(job["threads"])
         torch.manual_seed(0)
@@ -330,7 +428,10 @@ def worker_main(job):
         on_cuda = device.startswith("cuda")
         trainer_cls = get_trainer_class()
         rss_before_kb = _current_rss_kb()
-        params, weights_loaded = None, False
+        params, weights_loaded, calibrated, rms, gflops, topk = None, False, 0, None, None, None
+        timer = StageTimer(torch.cuda.synchronize if on_cuda else None)
+        counter = WorkCounter()
+        detections = []
         storage = EventStorage(0)
         storage.__enter__()  # models log to the current storage during training
         if job["task"] == "data":
@@ -344,6 +445,28 @@ def worker_main(job):
             weights_loaded = try_load_weights(model, cfg.MODEL.WEIGHTS)
             generator = torch.Generator().manual_seed(0)
             inputs = synthetic_batch(cfg, job["task"], job["size"], job["batch"], generator)
+            if not weights_loaded and job.get("calibrate", True):
+                calibrated = calibrate_frozen_batchnorm(model, inputs)
+            model.eval()
+            rms = feature_rms(model, inputs)
+            if not rms < 1e3:  # also catches nan / inf
+                raise RuntimeError(
+                    f"backbone outputs explode (largest RMS {rms:.3g}): the benchmark would "
+                    "not measure a working model; load trained MODEL.WEIGHTS or normalise "
+                    "the inputs (MODEL.PIXEL_STD)")
+            if job.get("flops"):
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                from analyze_model import flop_analysis
+
+                with torch.no_grad():
+                    gflops = flop_analysis(model, inputs).total() / 1e9
+            if getattr(model, "proposal_generator", None) is not None:
+                rpn = cfg.MODEL.RPN
+                topk = rpn.POST_NMS_TOPK_TRAIN if job["task"] == "train" else rpn.POST_NMS_TOPK_TEST
+            if job["task"] == "eval":
+                instrument_model(model, timer, counter)
+            elif getattr(model, "proposal_generator", None) is not None:
+                counter.wrap_proposal_generator(model.proposal_generator)
             if job["task"] == "train":
                 model.train()
                 optimizer = trainer_cls.build_optimizer(cfg, model)
@@ -360,8 +483,10 @@ def worker_main(job):
 
                 def step():
                     with torch.no_grad():
-                        model(inputs)
-        reply(ready=True, params=params, device=device, weights_loaded=weights_loaded)
+                        outputs = model(inputs)
+                    detections[:] = [len(o["instances"]) for o in outputs]
+        reply(ready=True, params=params, device=device, weights_loaded=weights_loaded,
+              calibrated_bn=calibrated, feature_rms=rms, gflops=gflops, proposal_topk=topk)
     except Exception:  # noqa: BLE001  (reported to the parent with the config's name)
         import traceback
 
@@ -374,11 +499,14 @@ def worker_main(job):
             if command == "step":
                 if on_cuda:
                     torch.cuda.synchronize()
+                timer.reset()
                 start = time.perf_counter()
                 step()
                 if on_cuda:
                     torch.cuda.synchronize()
-                reply(seconds=time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                reply(seconds=seconds, proposals=counter.proposals, detections=detections,
+                      stages=dict(timer.seconds) if job["task"] == "eval" else {})
             elif command == "reset_memory":
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -406,3 +534,5 @@ if __name__ == "__main__":
         main()
     except BenchmarkError as e:
         sys.exit(f"error: {e}")
+    except UnequalWork:
+        sys.exit(2)

@@ -12,7 +12,7 @@ TINY_CONFIG = """\
 _BASE_: "{base}"
 MODEL:
   WEIGHTS: ""
-  DEVICE: "cpu"
+  DEVICE: "{device}"
   MASK_ON: True
   BACKBONE:
     FREEZE_AT: 0
@@ -76,8 +76,10 @@ def load_tool():
 
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory):
-    """Path of a YAML for a tiny ResNet-18 FPN Mask R-CNN (3 classes, 64-128 px, cpu)."""
+    """Path of a YAML for a tiny ResNet-18 FPN Mask R-CNN (3 classes, 64-128 px, on
+    $TEST_DEVICE, default cpu)."""
     path = tmp_path_factory.mktemp("configs") / "tiny_mask_rcnn_R_18_FPN.yaml"
     path.write_text(TINY_CONFIG.format(
-        base=os.path.join(REPO_ROOT, "configs", "Base-RCNN-FPN.yaml")))
+        base=os.path.join(REPO_ROOT, "configs", "Base-RCNN-FPN.yaml"),
+        device=os.environ.get("TEST_DEVICE", "cpu")))
     return str(path)

@@ -70,3 +70,51 @@ def test_failing_config_is_named(tmp_path, tiny_config):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "NO_SUCH_KEY" in proc.stderr and "tiny_mask_rcnn_R_18_FPN" in proc.stderr
+
+
+def test_eval_reports_equal_work_and_stages(tmp_path, tiny_config):
+    """Inference: the RPN fills POST_NMS_TOPK_TEST (20 in the tiny config), the stage split
+    adds up to at most the total, and different detection counts refuse the ratio (exit 2)."""
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "benchmark.py"),
+           "--task", "eval", "--size", "96", "128", "--iters", "2", "--warmup", "0",
+           "--threads", "1", "--label", "all", "none", "--json", str(out_json),
+           "--config-file", tiny_config + "::MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0",
+           tiny_config + "::MODEL.ROI_HEADS.SCORE_THRESH_TEST 1.0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no time ratio printed" in proc.stdout
+    assert "none: 0.0 detections per image, all: 10.0" in proc.stdout
+    with open(out_json) as f:
+        res = json.load(f)["results"]
+    for r in res:
+        assert r["proposals_per_image"] == 20 and r["proposal_topk"] == 20
+        assert set(r["stages_s"]) == {"backbone", "proposals", "heads", "postprocess"}
+        assert all(v > 0 for v in r["stages_s"].values())
+        assert sum(r["stages_s"].values()) <= r["median_s"] * 1.05
+        assert r["ratio"] is None
+    assert res[0]["detections_per_image"] == 10 and res[1]["detections_per_image"] == 0
+
+
+def test_equal_work_rules(bench):
+    def result(label, proposals, topk, detections):
+        return {"label": label, "proposals_per_image": proposals, "proposal_topk": topk,
+                "detections_per_image": detections}
+
+    same = [result("a", 1000, 1000, 100), result("b", 1000, 1000, 100)]
+    assert bench.equal_work_problems(same, "eval") == []
+    starved = [result("a", 2, 1000, 100), result("b", 1000, 1000, 100)]
+    problems = bench.equal_work_problems(starved, "eval")
+    assert problems[0] == "a: its RPN returned 2 proposals per image, fewer than its " \
+                          "POST_NMS_TOPK_TEST=1000"
+    assert problems[1] == "b: 1000.0 proposals per image, a: 2.0"
+    # a different top-k is asked for by the user: only the detections must agree
+    asked = [result("a", 1000, 1000, 100), result("b", 500, 500, 100)]
+    assert bench.equal_work_problems(asked, "eval") == []
+    # a dense detector (no RPN) against another: detections only
+    dense = [result("a", None, None, 0), result("b", None, None, 3)]
+    assert bench.equal_work_problems(dense, "eval") == ["b: 3.0 detections per image, a: 0.0"]
+    # training: detection counts do not exist, proposals still must agree
+    assert bench.equal_work_problems([result("a", 300, 300, None),
+                                      result("b", 200, 300, None)], "train") == \
+        ["b: 200.0 proposals per image, a: 300.0"]
