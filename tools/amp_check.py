@@ -191,10 +191,10 @@ def main(argv=None):
                              "bfloat16 autocast (no AMP training iteration)")
     parser.add_argument("--print-train-args", choices=list(FAMILIES), metavar="FAMILY",
                         help="print `train_net.py` arguments (shell-quoted) for FAMILY's tiny "
-                             "config on CUDA, and exit")
+                             "config on --device, and exit")
     args = parser.parse_args(argv)
     if args.print_train_args:
-        print(train_args(args.print_train_args))
+        print(train_args(args.print_train_args, args.device))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: tools/amp_check.py needs a CUDA GPU (Detectron2's AMPTrainer is CUDA-only)")

@@ -10,7 +10,7 @@
 #    losses) and fp16-autocast inference against fp32;
 # 3. train_net.py --num-gpus <GPUs on the machine> for 20 iterations of one tiny config per
 #    method family, then --resume to 30 iterations;
-# 4. tools/benchmark.py at 800x1333 (inference and training, equal-work report, FLOPs, peak GPU
+# 4. (alone, after 1-3) tools/benchmark.py at 800x1333 (inference and training, equal-work report, FLOPs, peak GPU
 #    memory) for every method against its reference.
 # Every step has its own time limit (seconds, environment variables below) and log under
 # OUTDIR; the summary (OUTDIR/summary.txt) has one line per step with its exit status.
@@ -21,6 +21,7 @@ SUITE_TIMEOUT=${SUITE_TIMEOUT:-300}
 AMP_TIMEOUT=${AMP_TIMEOUT:-150}
 LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
+BENCH_ITERS=${BENCH_ITERS:-"--iters 10 --warmup 3"}
 WORKERS=${WORKERS:-8}
 STEPS=${STEPS:-"suite amp launch bench"}
 mkdir -p "$OUT"
@@ -46,33 +47,46 @@ detectron2.__version__, 'compiled ops', not getattr(_C, 'IS_PURE_PYTHON_STANDIN'
 cat "$OUT/env.txt"
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 
+# The suite and the launch checks run in the background, beside the AMP check (they share the
+# GPU; these steps check correctness only). The benchmark runs alone afterwards.
+SUITE_PID=
 case " $STEPS " in *" suite "*)
   TEST_DEVICE=cuda step suite "$SUITE_TIMEOUT" $PY -m pytest tests -q -ra -n "$WORKERS" \
-    --dist loadfile -p no:cacheprovider --durations=15
-  tail -n 40 "$OUT/suite.log" ;;
+    --dist loadfile -p no:cacheprovider --durations=15 &
+  SUITE_PID=$! ;;
+esac
+
+LAUNCH_PID=
+case " $STEPS " in *" launch "*)
+  (for family in mask_rcnn dynamic_rcnn tsd_cascade decoupled_rcnn rdsnet; do
+    opts=$($PY tools/amp_check.py --print-train-args "$family" --device "${TRAIN_DEVICE:-cuda}") \
+      || continue
+    eval "set -- $opts"
+    step "launch_$family" "$LAUNCH_TIMEOUT" $PY train_net.py --num-gpus "$NGPU" "$@" \
+      SOLVER.MAX_ITER 20 SOLVER.CHECKPOINT_PERIOD 10 OUTPUT_DIR "${RUNS_DIR:-$OUT}/launch/$family"
+    step "resume_$family" "$LAUNCH_TIMEOUT" $PY train_net.py --num-gpus "$NGPU" --resume "$@" \
+      SOLVER.MAX_ITER 30 SOLVER.CHECKPOINT_PERIOD 10 OUTPUT_DIR "${RUNS_DIR:-$OUT}/launch/$family"
+    grep -h "Starting training from iteration\|bbox/AP\|Overall training speed" \
+      "$OUT/resume_$family.log" | tail -n 3
+  done) &
+  LAUNCH_PID=$! ;;
 esac
 
 case " $STEPS " in *" amp "*)
-  step amp "$AMP_TIMEOUT" $PY tools/amp_check.py --iters 200 --json "$OUT/amp.json" \
-    --output "$OUT/amp_runs"
+  step amp "$AMP_TIMEOUT" $PY tools/amp_check.py --iters 150 --score 0.05 ${AMP_ARGS:-} --json "$OUT/amp.json" \
+    --output "${RUNS_DIR:-$OUT}/amp_runs"
   tail -n 12 "$OUT/amp.log" ;;
 esac
 
-case " $STEPS " in *" launch "*)
-  for family in mask_rcnn dynamic_rcnn tsd_cascade decoupled_rcnn rdsnet; do
-    opts=$($PY tools/amp_check.py --print-train-args "$family") || continue
-    eval "set -- $opts"
-    step "launch_$family" "$LAUNCH_TIMEOUT" $PY train_net.py --num-gpus "$NGPU" "$@" \
-      SOLVER.MAX_ITER 20 SOLVER.CHECKPOINT_PERIOD 10 OUTPUT_DIR "$OUT/launch/$family"
-    step "resume_$family" "$LAUNCH_TIMEOUT" $PY train_net.py --num-gpus "$NGPU" --resume "$@" \
-      SOLVER.MAX_ITER 30 SOLVER.CHECKPOINT_PERIOD 10 OUTPUT_DIR "$OUT/launch/$family"
-    grep -h "Starting training from iteration\|bbox/AP\|Overall training speed" \
-      "$OUT/resume_$family.log" | tail -n 3
-  done ;;
-esac
+[ -n "$LAUNCH_PID" ] && wait "$LAUNCH_PID"
+if [ -n "$SUITE_PID" ]; then
+  wait "$SUITE_PID"
+  grep -E "passed|failed" "$OUT/suite.log" | tail -n 3
+  grep -E "^(FAILED|ERROR)" "$OUT/suite.log"
+fi
 
 case " $STEPS " in *" bench "*)
-  B="$PY tools/benchmark.py --size 800 1333 --iters 10 --warmup 3 --flops --allow-unequal-work"
+  B="$PY tools/benchmark.py --size 800 1333 $BENCH_ITERS --flops --allow-unequal-work"
   C=configs
   for task in eval train; do
     step "bench_rcnn_$task" "$BENCH_TIMEOUT" $B --task "$task" --json "$OUT/bench_rcnn_$task.json" \

@@ -20,7 +20,8 @@ def _free_port():
 
 def test_two_cpu_workers_train_in_sync(tmp_path):
     opts = TINY_RESNET_OPTS + TINY_RCNN_OPTS + [
-        "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 3, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", ()]
+        "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 3, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (),
+        "MODEL.DEVICE", "cpu"]  # the CPU-worker path, also where TEST_DEVICE is cuda
     mp.start_processes(ddp_train_worker, nprocs=2, start_method="spawn",
                        args=(2, _free_port(), str(tmp_path), QUICKSTART, opts))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
