@@ -51,15 +51,18 @@ class Trainer(DefaultTrainer):
     data mapper whose image errors name the file, a class-count check against the datasets,
     test-time augmentation through `projects_common.tta`, and DDP wrapping with
     ``device_ids=None`` for CPU models (Detectron2 passes the local rank, which DDP rejects for
-    CPU modules).
+    CPU modules). The constructor is Detectron2's own (v0.6 and main: build model, optimizer,
+    loader, wrap, trainer state, checkpointer, hooks); only while it runs, the
+    `create_ddp_model` it calls adds ``device_ids=None`` for a CPU model.
     """
 
     def __init__(self, cfg):
         if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
             raise ValueError("SOLVER.AMP.ENABLED=True needs CUDA (Detectron2's AMPTrainer); "
                              "set SOLVER.AMP.ENABLED False on CPU")
-        # DefaultTrainer.__init__ as is, except for the one DDP argument above (v0.6 and main
-        # wrap the model with `create_ddp_model(model, broadcast_buffers=False)`).
+        # DefaultTrainer.__init__ as is, except for the one DDP argument of
+        # `_create_cpu_ddp_model` (v0.6 and main call `create_ddp_model(model,
+        # broadcast_buffers=False)`, looked up in `detectron2.engine.defaults`).
         with mock.patch.object(d2_defaults, "create_ddp_model", _create_cpu_ddp_model):
             super().__init__(cfg)
 
