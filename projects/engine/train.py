@@ -1,4 +1,5 @@
 """`train_net.py` logic: argument parsing, config setup, training and `--eval-only`."""
+import importlib
 import inspect
 
 import torch
@@ -50,9 +51,11 @@ def main(args):
 
 
 def _launch_supports_cpu_workers() -> bool:
-    # Detectron2 main (since 2023-01) starts GLOO workers without a GPU; v0.6 asserts CUDA.
-    from detectron2.engine import launch as launch_module
-
+    """Whether Detectron2's `launch` starts workers without CUDA: Detectron2 main (since
+    2023-01) selects the GLOO backend there, v0.6 asserts CUDA. Inspects the
+    ``detectron2.engine.launch`` module (``detectron2.engine.launch`` the attribute is the
+    re-exported function, whose source names no backend)."""
+    launch_module = importlib.import_module("detectron2.engine.launch")
     return "gloo" in inspect.getsource(launch_module).lower()
 
 

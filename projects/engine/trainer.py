@@ -2,17 +2,14 @@
 DistributedDataParallel that also works for CPU workers."""
 import logging
 import os
-import weakref
 from collections import OrderedDict
+from unittest import mock
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from projects_common.tta import build_tta_model
 
@@ -23,13 +20,28 @@ from ..data.builtin import prepare_dataset_files
 __all__ = ["Trainer", "compiled_coco_eval_available"]
 
 
+# What `detectron2.evaluation.fast_eval_api.COCOeval_opt` calls in the compiled extension.
+COMPILED_COCO_EVAL_OPS = ("COCOevalEvaluateImages", "COCOevalAccumulate", "InstanceAnnotation")
+
+
 def compiled_coco_eval_available() -> bool:
-    """Whether Detectron2's compiled COCO evaluation (``_C.COCOevalMaskApi``) is installed."""
+    """Whether Detectron2's compiled COCO evaluation (``_C.COCOevalEvaluateImages`` and
+    ``_C.COCOevalAccumulate``, used by ``COCOEvaluator(use_fast_impl=True)``) is installed."""
     try:
         from detectron2 import _C
     except ImportError:
         return False
-    return not getattr(_C, "IS_PURE_PYTHON_STANDIN", False) and hasattr(_C, "COCOevalMaskApi")
+    if getattr(_C, "IS_PURE_PYTHON_STANDIN", False):  # its ops all exist and all raise
+        return False
+    return all(hasattr(_C, name) for name in COMPILED_COCO_EVAL_OPS)
+
+
+def _create_cpu_ddp_model(model, **kwargs):
+    """Detectron2's `create_ddp_model`, with ``device_ids=None`` for a CPU model (DDP rejects
+    device ids for CPU modules; Detectron2 passes the local rank)."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
 
 
 class Trainer(DefaultTrainer):
@@ -39,33 +51,20 @@ class Trainer(DefaultTrainer):
     data mapper whose image errors name the file, a class-count check against the datasets,
     test-time augmentation through `projects_common.tta`, and DDP wrapping with
     ``device_ids=None`` for CPU models (Detectron2 passes the local rank, which DDP rejects for
-    CPU modules).
+    CPU modules). The constructor is Detectron2's own (v0.6 and main: build model, optimizer,
+    loader, wrap, trainer state, checkpointer, hooks); only while it runs, the
+    `create_ddp_model` it calls adds ``device_ids=None`` for a CPU model.
     """
 
     def __init__(self, cfg):
-        # Same construction order as DefaultTrainer.__init__; only the DDP wrapping differs.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
             raise ValueError("SOLVER.AMP.ENABLED=True needs CUDA (Detectron2's AMPTrainer); "
                              "set SOLVER.AMP.ENABLED False on CPU")
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False,
-                                 **({"device_ids": None} if on_cpu else {}))
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR,
-                                                  trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        # DefaultTrainer.__init__ as is, except for the one DDP argument of
+        # `_create_cpu_ddp_model` (v0.6 and main call `create_ddp_model(model,
+        # broadcast_buffers=False)`, looked up in `detectron2.engine.defaults`).
+        with mock.patch.object(d2_defaults, "create_ddp_model", _create_cpu_ddp_model):
+            super().__init__(cfg)
 
     def train(self):
         """Train, then return the results of the last evaluation (Detectron2 v0.6 returns them

@@ -95,3 +95,11 @@ def test_unknown_dataset_and_config_names_are_clear():
         projects.model_zoo.get_config_file("quickstart/mask_rcnn_R_18_FPN_shape.yaml")
     with pytest.raises(KeyError, match="shapes_tran"):
         DatasetCatalog.get("shapes_tran")
+
+
+def test_amp_without_cuda_is_a_clear_error(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list(["SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs CUDA"):
+        Trainer(cfg)
