@@ -78,6 +78,11 @@ def get_parser():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads in each worker (0: torch's default)")
     parser.add_argument("--json", default="", metavar="FILE", help="also write results as JSON")
+    # as projects.tools_common.add_dataset_args, without importing torch in the parent
+    parser.add_argument("--dataset", action="append", default=[],
+                        metavar="NAME=path/to/annotations.json:path/to/images",
+                        help="register a COCO-format dataset in every worker (repeatable), "
+                             "e.g. for --task data with DATASETS.TRAIN set to NAME")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides applied to every config (must come last)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal
@@ -148,8 +153,9 @@ class Worker:
 
 
 def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, warmup=2,
-        threads=0, opts=()):
-    """Benchmark `specs` (see the module docstring) and return one result dict per config."""
+        threads=0, opts=(), datasets=()):
+    """Benchmark `specs` (see the module docstring) and return one result dict per config.
+    `datasets`: `--dataset NAME=ANN.json[:IMAGES]` values, registered in every worker."""
     if labels and len(labels) != len(specs):
         raise BenchmarkError(f"{len(labels)} labels for {len(specs)} configs")
     if iters < 1 or warmup < 0 or batch < 1:
@@ -159,7 +165,8 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
     for spec in specs:
         path, config_opts = parse_spec(spec, opts)
         jobs.append({"config_file": path, "opts": config_opts, "task": task,
-                     "size": list(size), "batch": batch, "threads": threads})
+                     "size": list(size), "batch": batch, "threads": threads,
+                     "datasets": list(datasets or ())})
     workers = []
     try:
         workers = [Worker(label, job) for label, job in zip(labels, jobs)]  # start in parallel
@@ -215,7 +222,7 @@ def main(argv=None):
         return worker_main(json.loads(args.worker))
     start = time.perf_counter()
     results = run(args.config_file, args.label, args.task, args.size, args.batch, args.iters,
-                  args.warmup, args.threads, args.opts)
+                  args.warmup, args.threads, args.opts, args.dataset)
     mem = results[0]["mem_kind"]
     size = "" if args.task == "data" else f", {args.batch}x{args.size[0]}x{args.size[1]} images"
     print(f"task {args.task}{size}, {args.iters} timed + {args.warmup} warmup iterations per "
@@ -325,7 +332,7 @@ def worker_main(job):
         if job["threads"]:
             torch.set_num_threads(job["threads"])
         torch.manual_seed(0)
-        cfg = setup_cfg(job["config_file"], job["opts"])
+        cfg = setup_cfg(job["config_file"], job["opts"], datasets=job.get("datasets", ()))
         device = cfg.MODEL.DEVICE
         on_cuda = device.startswith("cuda")
         trainer_cls = get_trainer_class()

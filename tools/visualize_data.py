@@ -19,7 +19,13 @@ import logging
 import os
 import sys
 
-from projects.tools_common import ToolError, add_config_args, get_trainer_class, setup_cfg
+from projects.tools_common import (
+    ToolError,
+    add_config_args,
+    check_dataset_classes,
+    get_trainer_class,
+    setup_cfg,
+)
 
 logger = logging.getLogger("tools.visualize_data")
 
@@ -47,8 +53,9 @@ def _output_name(index, file_name):
 def iter_annotation_images(cfg, metadata):
     """Yield (file name, visualised RGB image) for the raw dicts of cfg.DATASETS.TRAIN."""
     from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import Visualizer
+
+    from projects.data import read_image
 
     for dataset_dict in itertools.chain.from_iterable(
         DatasetCatalog.get(name) for name in cfg.DATASETS.TRAIN
@@ -106,6 +113,7 @@ def run(cfg, source, output_dir, num):
         raise ToolError(f"--num must be positive, got {num}")
     if not len(cfg.DATASETS.TRAIN):
         raise ToolError("the config has no training dataset (DATASETS.TRAIN is empty)")
+    check_dataset_classes(cfg, cfg.DATASETS.TRAIN)  # also fills thing_classes from the json
     metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     images = (iter_annotation_images if source == "annotation" else iter_dataloader_images)(
         cfg, metadata)
@@ -125,7 +133,7 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="tools.visualize_data", abbrev_name="vis")
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
     written = run(cfg, args.source, args.output_dir, args.num)
     print(f"wrote {len(written)} images to {args.output_dir}")
     return written
