@@ -95,3 +95,18 @@ def test_unknown_dataset_and_config_names_are_clear():
         projects.model_zoo.get_config_file("quickstart/mask_rcnn_R_18_FPN_shape.yaml")
     with pytest.raises(KeyError, match="shapes_tran"):
         DatasetCatalog.get("shapes_tran")
+
+
+def test_mapper_drops_degenerate_polygons_of_any_registration(tiny_cfg, tmp_path):
+    """Datasets registered without the project's loader: the mapper applies the same rule."""
+    path = tmp_path / "ok.png"
+    cv2.imwrite(str(path), np.full((64, 80, 3), 127, np.uint8))
+    mapper = CheckedDatasetMapper(tiny_cfg, is_train=True)
+    zero_area = _box(10, 10, 20, 20, cls=1)
+    zero_area["segmentation"] = [[10, 10, 20, 20, 30, 30]]  # 3 collinear points
+    mixed = _box(40, 30, 20, 20, cls=2)
+    mixed["segmentation"].append([1, 1, 3, 3])  # a valid square plus a 2-point polygon
+    out = mapper(_record(path, [_box(4, 4, 30, 20, cls=0), zero_area, mixed]))
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [0, 2]
+    assert [len(p) for p in inst.gt_masks.polygons] == [1, 1]

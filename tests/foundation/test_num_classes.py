@@ -72,12 +72,17 @@ def test_right_class_count_passes_the_check(user_data, no_model, tmp_path):
         main(_args(config, key, 2, user_data, "OUTPUT_DIR", str(tmp_path)))
 
 
-def test_detectron2_registration_is_checked_before_its_json_is_loaded(user_data, tmp_path):
+def test_detectron2_registration_is_checked_before_its_json_is_loaded(user_data, tmp_path,
+                                                                       monkeypatch):
     """Detectron2's own register_coco_instances sets thing_classes only when the json is loaded
-    (after the model is built): the check reads the json's categories itself."""
+    (after the model is built): the check reads the json's categories itself, without loading
+    the dataset."""
+    import detectron2.data.datasets.coco as d2_coco
+
     train_json, train_dir = user_data["train"]
     d2_register_coco_instances("user_d2_train", {}, train_json, train_dir)
     assert MetadataCatalog.get("user_d2_train").get("thing_classes", None) is None
+    monkeypatch.setattr(d2_coco, "load_coco_json", lambda *a, **k: pytest.fail("dataset loaded"))
     cfg = projects.load_config(projects.model_zoo.get_config_file(METHODS["tsd"][0]), [
         "DATASETS.TRAIN", "('user_d2_train',)", "DATASETS.TEST", "()",
         "MODEL.ROI_HEADS.NUM_CLASSES", "1", "MODEL.DEVICE", "cpu"])
