@@ -79,10 +79,16 @@ def clean_coco_annotations(annotations: List[dict]) -> Tuple[List[dict], dict]:
     return kept, report
 
 
-def warn_dropped(source: str, report: dict) -> None:
-    """Log one warning for ``report`` (see `clean_coco_annotations`), if anything was dropped."""
-    if not report["polygons"]:
+_WARNED = set()
+
+
+def warn_dropped(source: str, report: dict, key=None) -> None:
+    """Log one warning for ``report`` (see `clean_coco_annotations`), if anything was dropped
+    and nothing was reported for ``key`` (e.g. the json file) before in this process."""
+    if not report["polygons"] or (key is not None and key in _WARNED):
         return
+    if key is not None:
+        _WARNED.add(key)
     ids = ", ".join(str(i) for i in report["ids"][:MAX_IDS_NAMED])
     more = ", ..." if len(report["ids"]) > MAX_IDS_NAMED else ""
     logger.warning(

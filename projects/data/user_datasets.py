@@ -107,7 +107,7 @@ def _load_clean_coco(json_file: str, image_root: str, dataset_name: str):
     kept, report = clean_coco_annotations(data.get("annotations", []))
     if not report["polygons"]:
         return load_coco_json(json_file, image_root, dataset_name)
-    warn_dropped(f"dataset {dataset_name!r} ({json_file})", report)
+    warn_dropped(f"dataset {dataset_name!r} ({json_file})", report, key=json_file)
     fd, tmp = tempfile.mkstemp(suffix=".json", prefix="clean_coco_")
     try:
         with os.fdopen(fd, "w") as f:

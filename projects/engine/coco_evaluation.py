@@ -5,8 +5,6 @@ from ..data.annotations import clean_coco_annotations, warn_dropped
 
 __all__ = ["COCOEvaluator"]
 
-_WARNED = set()  # json files already reported in this process
-
 
 class COCOEvaluator(_D2COCOEvaluator):
     """Detectron2's `COCOEvaluator`; its ground truth drops degenerate polygons (fewer than 3
@@ -20,8 +18,8 @@ class COCOEvaluator(_D2COCOEvaluator):
         kept, report = clean_coco_annotations(coco.dataset.get("annotations", []))
         if report["polygons"]:
             source = self._metadata.get("json_file", dataset_name)
-            if source not in _WARNED:
-                _WARNED.add(source)
-                warn_dropped(f"evaluation ground truth of {dataset_name!r} ({source})", report)
+            # one warning per json: loading the dataset for training/inference may have given it
+            warn_dropped(f"evaluation ground truth of {dataset_name!r} ({source})", report,
+                         key=source)
             coco.dataset["annotations"] = kept
             coco.createIndex()
