@@ -82,17 +82,24 @@ def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
     Raises:
         ImageReadError: the file is missing or cannot be decoded (message names the file).
     """
-    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
+    from detectron2.data import detection_utils
     from detectron2.utils.file_io import PathManager
+
+    apply_exif = getattr(detection_utils, "_apply_exif_orientation", None)
+    if apply_exif is None:  # not a public Detectron2 API: Pillow's equivalent
+        from PIL import ImageOps
+
+        apply_exif = ImageOps.exif_transpose
 
     try:
         with PathManager.open(file_name, "rb") as f:
             image = Image.open(f)
             image.load()  # decode now: truncated or corrupt data fails here, inside the try
-        image = _apply_exif_orientation(image)
+        image = apply_exif(image)
         image = to_8bit_pil(image, str(file_name))
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {str(file_name)!r}: {type(e).__name__}: {e}") from e
-    return convert_PIL_to_numpy(image, format)
+        raise ImageReadError(
+            f"cannot read image {str(file_name)!r}: {type(e).__name__}: {e}") from e
+    return detection_utils.convert_PIL_to_numpy(image, format)

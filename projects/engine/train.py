@@ -17,7 +17,8 @@ __all__ = ["argument_parser", "setup", "main", "run"]
 def add_dataset_argument(parser):
     """``--dataset NAME=ANN.json[:IMAGES]`` (repeatable): a user's COCO-format dataset."""
     parser.add_argument(
-        "--dataset", action="append", default=[], metavar=SPEC_SYNTAX.replace("[", "").replace("]", ""),
+        "--dataset", action="append", default=[],
+        metavar=SPEC_SYNTAX.replace("[", "").replace("]", ""),
         help="register a COCO-format dataset under NAME before anything is built (repeatable; "
              "the image folder defaults to the json's folder); use NAME in DATASETS.TRAIN / "
              "DATASETS.TEST. Same as the config key DATASETS.REGISTER_COCO")
