@@ -148,3 +148,8 @@ def test_visualize_data_sees_the_user_dataset(user, tiny_config, load_tool, tmp_
                           *_dataset_args(specs), "--opts", *USER_OPTS])
         assert len(paths) == 3
         assert all(cv2.imread(p) is not None for p in paths)
+    # raw annotations need no model: the config's class count (3 here) does not matter
+    paths = vis.main(["--config-file", tiny_config, "--source", "annotation", "--output-dir",
+                      str(tmp_path / "any_count"), "--num", "1", *_dataset_args(specs[:1]),
+                      "--opts", "DATASETS.TRAIN", "('mydata_train',)"])
+    assert len(paths) == 1
