@@ -7,8 +7,8 @@ Examples:
         --opts MODEL.WEIGHTS output/model_final.pth
 
     # a model trained on your own COCO-format dataset (class names from its json)
-    python tools/demo.py --config-file CFG --dataset mydata_val=val.json:images \
-        --input photos/ --output out/vis --opts MODEL.WEIGHTS model_final.pth \
+    python tools/demo.py --config-file CFG --dataset mydata_val=val.json:images \\
+        --input photos/ --output out/vis --opts MODEL.WEIGHTS model_final.pth \\
         DATASETS.TEST "('mydata_val',)" MODEL.ROI_HEADS.NUM_CLASSES 2
 
 `--input` takes image files, folders (their images, not recursive) and glob patterns (quote
@@ -36,7 +36,6 @@ import logging
 import os
 import sys
 import time
-
 
 from projects.tools_common import ToolError, add_config_args, check_dataset_classes, setup_cfg
 

@@ -104,3 +104,23 @@ def test_unregistered_dataset_and_bad_spec_are_clear(tmp_path):
         projects.load_config(datasets=[f"x_ds={tmp_path}/missing.json:{tmp_path}"])
     with pytest.raises(ValueError, match=r"expected NAME=path/to/annotations\.json"):
         projects.load_config(datasets=["no_equals_sign.json"])
+
+
+def test_config_key_registers_datasets(user_data, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from projects.data.user_datasets import parse_dataset_spec
+
+    train_json, train_dir = user_data["train"]
+    yaml = tmp_path / "mydata.yaml"
+    yaml.write_text(f'_BASE_: "{projects.model_zoo.get_config_file(METHODS["tsd"][0])}"\n'
+                    f'DATASETS:\n  REGISTER_COCO: ["user_yaml_train={train_json}:{train_dir}"]\n'
+                    '  TRAIN: ("user_yaml_train",)\n')
+    assert "user_yaml_train" not in DatasetCatalog.list()
+    projects.load_config(str(yaml))
+    assert MetadataCatalog.get("user_yaml_train").thing_classes == ["disc", "bar"]
+    assert len(DatasetCatalog.get("user_yaml_train")) == 8
+    # the image folder defaults to the json's; ':' after '.json' separates the two paths
+    assert parse_dataset_spec("a=d/x.json") == ("a", "d/x.json", "d")
+    assert parse_dataset_spec(r"b=C:\data\x.json:C:\data\img") == (
+        "b", r"C:\data\x.json", r"C:\data\img")
