@@ -4,7 +4,6 @@ import logging
 
 import torch
 from detectron2.config import get_cfg as _d2_get_cfg
-from detectron2.data import MetadataCatalog
 
 from decoupled_rcnn import add_decoupled_rcnn_config
 from dynamic_rcnn import add_dynamic_rcnn_config
@@ -13,11 +12,12 @@ from res2net import add_res2net_config
 from tsd import add_tsd_config
 
 __all__ = ["add_all_configs", "get_cfg", "load_config", "check_num_classes",
-           "resolve_device", "NUM_CLASSES_KEYS"]
+           "num_classes_key", "register_config_datasets", "resolve_device", "NUM_CLASSES_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-# Where each meta-architecture reads its class count.
+# Where each meta-architecture reads its class count (Res2Net, Dynamic R-CNN, TSD and
+# Decoupled R-CNN are GeneralizedRCNN models; RDSNet has its own meta-architecture).
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
@@ -26,10 +26,14 @@ NUM_CLASSES_KEYS = {
 
 
 def add_all_configs(cfg):
-    """Add the keys of all five methods to ``cfg`` in place."""
+    """Add the keys of all five methods (and the project's own) to ``cfg`` in place."""
     for add in (add_res2net_config, add_dynamic_rcnn_config, add_tsd_config,
                 add_decoupled_rcnn_config, add_rdsnet_config):
         add(cfg)
+    if "REGISTER_COCO" not in cfg.DATASETS:
+        # Users' COCO-format datasets, "NAME=path/to/annotations.json:path/to/images" each,
+        # registered by load_config before anything is built (projects.data.user_datasets).
+        cfg.DATASETS.REGISTER_COCO = ()
     return cfg
 
 
@@ -56,9 +60,13 @@ def _explain_key_error(cfg, err, source):
     return KeyError(text)
 
 
-def load_config(config_file=None, opts=(), cfg=None):
+def load_config(config_file=None, opts=(), cfg=None, datasets=()):
     """``get_cfg()`` + ``merge_from_file`` + ``merge_from_list`` with errors that name the file
-    or override and suggest the closest existing key for a mistyped one. Not frozen."""
+    or override and suggest the closest existing key for a mistyped one. Not frozen.
+
+    ``datasets`` (``--dataset`` values, ``NAME=ANN.json[:IMAGES]``) are appended to
+    ``DATASETS.REGISTER_COCO``; every dataset listed there is then registered.
+    """
     cfg = cfg if cfg is not None else get_cfg()
     if config_file:
         try:
@@ -72,8 +80,22 @@ def load_config(config_file=None, opts=(), cfg=None):
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError) as e:  # yacs asserts on unknown override keys
             raise _explain_key_error(cfg, e, "command-line override") from e
+    if datasets:
+        cfg.DATASETS.REGISTER_COCO = tuple(cfg.DATASETS.REGISTER_COCO) + tuple(
+            d for d in datasets if d not in cfg.DATASETS.REGISTER_COCO)
+    register_config_datasets(cfg)
     resolve_device(cfg)
     return cfg
+
+
+def register_config_datasets(cfg):
+    """Register the datasets of ``DATASETS.REGISTER_COCO`` (idempotent); returns their names."""
+    from .data.user_datasets import register_datasets
+
+    specs = cfg.DATASETS.get("REGISTER_COCO", ())
+    if isinstance(specs, str):
+        specs = (specs,)
+    return register_datasets(specs)
 
 
 def resolve_device(cfg):
@@ -84,19 +106,45 @@ def resolve_device(cfg):
     return cfg
 
 
-def check_num_classes(cfg, dataset_names):
-    """Raise a clear error when the model's class count differs from a dataset's classes."""
+def num_classes_key(cfg):
+    """``(key, value)`` of the class count the model of ``cfg`` is built with, or
+    ``(None, None)`` for a meta-architecture without one known here."""
     key = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
     if key is None:
-        return
+        return None, None
     node = cfg
     for part in key.split("."):
         node = node[part]
+    return key, int(node)
+
+
+def _describe(classes, limit=10):
+    shown = ", ".join(repr(c) for c in classes[:limit])
+    return f"[{shown}{', ...' if len(classes) > limit else ''}]"
+
+
+def check_num_classes(cfg, dataset_names):
+    """Raise a `ValueError` when the model's class count differs from a dataset's classes.
+
+    Runs before anything is built or trained: for every name the class list comes from the
+    dataset's metadata, or its COCO json's categories when the metadata does not have it yet
+    (Detectron2's ``register_coco_instances`` fills ``thing_classes`` only when the json is
+    loaded), or from loading the dataset (`projects.data.user_datasets.dataset_classes`).
+    Too few and too many classes are both errors naming the key, its value, the dataset and
+    its classes. An unregistered name is a `KeyError` saying how to register it.
+    """
+    from .data.user_datasets import dataset_classes
+
+    key, value = num_classes_key(cfg)
+    if key is None:
+        return
     for name in dataset_names:
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != node:
-            raise ValueError(
-                f"{key}={node} but dataset {name!r} has {len(classes)} classes "
-                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): "
-                f"set {key} {len(classes)}"
-            )
+        classes = dataset_classes(name)
+        if classes is None or len(classes) == value:
+            continue
+        problem = "too few" if value < len(classes) else "too many"
+        raise ValueError(
+            f"{key}={value} but dataset {name!r} has {len(classes)} classes "
+            f"{_describe(classes)} ({problem} classes for this dataset); "
+            f"set {key} {len(classes)}"
+        )

@@ -6,6 +6,7 @@ Every tool builds its config the same way, so that it accepts the keys of all fi
     cfg = projects.get_cfg()           # Detectron2 defaults + every add_<pkg>_config
     cfg.merge_from_file(config_file)   # yacs YAML with `_BASE_` inheritance
     cfg.merge_from_list(opts)          # trailing `--opts KEY VALUE ...` overrides
+    --dataset NAME=ann.json:images     # users' COCO datasets (DATASETS.REGISTER_COCO), registered
     MODEL.DEVICE -> "cpu" when CUDA is not available
 
 `import projects` (done here) registers every method's modules and the built-in datasets.
@@ -17,10 +18,13 @@ import os
 import torch
 
 import projects
+from projects.data.user_datasets import DatasetSpecError
 
 __all__ = [
     "ToolError",
     "add_config_args",
+    "add_dataset_args",
+    "check_dataset_classes",
     "setup_cfg",
     "get_trainer_class",
     "build_model",
@@ -36,8 +40,17 @@ class ToolError(RuntimeError):
     """A user-facing error of a tool (bad path, bad option); printed without a traceback."""
 
 
+def add_dataset_args(parser: argparse.ArgumentParser):
+    """Add `--dataset NAME=ANN.json[:IMAGES]` (repeatable), as in `train_net.py`."""
+    from projects.engine.train import add_dataset_argument
+
+    return add_dataset_argument(parser)
+
+
 def add_config_args(parser: argparse.ArgumentParser, multiple_configs: bool = False):
-    """Add `--config-file` and the trailing `--opts KEY VALUE ...` to `parser`."""
+    """Add `--config-file`, `--dataset` (repeatable) and the trailing `--opts KEY VALUE ...`
+    to `parser`."""
+    add_dataset_args(parser)
     if multiple_configs:
         parser.add_argument("--config-file", nargs="+", required=True, metavar="FILE",
                             help="one or more yacs YAML configs")
@@ -51,17 +64,20 @@ def add_config_args(parser: argparse.ArgumentParser, multiple_configs: bool = Fa
     return parser
 
 
-def setup_cfg(config_file: str, opts=(), freeze: bool = True):
+def setup_cfg(config_file: str, opts=(), freeze: bool = True, datasets=()):
     """Build a config: `projects.get_cfg()` + YAML file + `opts` overrides, with MODEL.DEVICE
-    falling back to cpu without CUDA (`projects.load_config`).
+    falling back to cpu without CUDA (`projects.load_config`), and the datasets of
+    DATASETS.REGISTER_COCO + `datasets` registered.
 
     Args:
         config_file: path to a yacs YAML file (may use `_BASE_`).
         opts: flat list `[KEY, VALUE, KEY, VALUE, ...]` applied after the file.
         freeze: freeze the returned config.
+        datasets: `--dataset` values, ``NAME=ANN.json[:IMAGES]``.
 
     Raises:
-        ToolError: the file does not exist, or an override is malformed / names an unknown key.
+        ToolError: the file does not exist, an override is malformed / names an unknown key,
+            or a dataset spec is malformed / names a missing file.
     """
     if not os.path.isfile(config_file):
         raise ToolError(f"config file not found: {config_file}")
@@ -69,7 +85,9 @@ def setup_cfg(config_file: str, opts=(), freeze: bool = True):
     if len(opts) % 2:
         raise ToolError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
     try:
-        cfg = projects.load_config(config_file, opts)
+        cfg = projects.load_config(config_file, opts, datasets=tuple(datasets or ()))
+    except (FileNotFoundError, DatasetSpecError) as e:
+        raise ToolError(str(e)) from e
     except KeyError as e:
         raise ToolError(e.args[0] if e.args else str(e)) from e
     except (AssertionError, ValueError) as e:  # yacs type mismatch, malformed value
@@ -77,6 +95,16 @@ def setup_cfg(config_file: str, opts=(), freeze: bool = True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_dataset_classes(cfg, dataset_names):
+    """`projects.config.check_num_classes` with its errors as `ToolError`."""
+    from projects.config import check_num_classes
+
+    try:
+        check_num_classes(cfg, [n for n in dataset_names])
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ToolError(e.args[0] if e.args else str(e)) from e
 
 
 def get_trainer_class():

@@ -329,7 +329,7 @@ def main(argv=None):
 
     setup_logger(name="tools.analyze_model", abbrev_name="analyze")
     setup_logger(name="fvcore")
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
     results = run(cfg, args.tasks, args.num_inputs, args.input_size, args.backbone_only)
     results["config_file"] = args.config_file
     if args.json:

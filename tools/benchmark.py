@@ -88,6 +88,11 @@ def get_parser():
                         help="print time ratios even when the models did different amounts "
                              "of work (proposals / detections per image)")
     parser.add_argument("--json", default="", metavar="FILE", help="also write results as JSON")
+    # as projects.tools_common.add_dataset_args, without importing torch in the parent
+    parser.add_argument("--dataset", action="append", default=[],
+                        metavar="NAME=path/to/annotations.json:path/to/images",
+                        help="register a COCO-format dataset in every worker (repeatable), "
+                             "e.g. for --task data with DATASETS.TRAIN set to NAME")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides applied to every config (must come last)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal
@@ -158,8 +163,10 @@ class Worker:
 
 
 def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, warmup=2,
-        threads=0, opts=(), flops=False, calibrate=True, allow_unequal_work=False):
-    """Benchmark `specs` (see the module docstring) and return one result dict per config."""
+        threads=0, opts=(), flops=False, calibrate=True, allow_unequal_work=False,
+        datasets=()):
+    """Benchmark `specs` (see the module docstring) and return one result dict per config.
+    `datasets`: `--dataset NAME=ANN.json[:IMAGES]` values, registered in every worker."""
     if labels and len(labels) != len(specs):
         raise BenchmarkError(f"{len(labels)} labels for {len(specs)} configs")
     if iters < 1 or warmup < 0 or batch < 1:
@@ -170,7 +177,8 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
         path, config_opts = parse_spec(spec, opts)
         jobs.append({"config_file": path, "opts": config_opts, "task": task,
                      "size": list(size), "batch": batch, "threads": threads,
-                     "flops": flops, "calibrate": calibrate})
+                     "flops": flops, "calibrate": calibrate,
+                     "datasets": list(datasets or ())})
     workers = []
     try:
         workers = [Worker(label, job) for label, job in zip(labels, jobs)]  # start in parallel
@@ -287,7 +295,8 @@ def main(argv=None):
     start = time.perf_counter()
     results = run(args.config_file, args.label, args.task, args.size, args.batch, args.iters,
                   args.warmup, args.threads, args.opts, flops=args.flops,
-                  calibrate=not args.no_calibrate, allow_unequal_work=args.allow_unequal_work)
+                  calibrate=not args.no_calibrate, allow_unequal_work=args.allow_unequal_work,
+                  datasets=args.dataset)
     mem = results[0]["mem_kind"]
     size = "" if args.task == "data" else f", {args.batch}x{args.size[0]}x{args.size[1]} images"
     print(f"task {args.task}{size}, {args.iters} timed + {args.warmup} warmup iterations per "
@@ -423,7 +432,7 @@ def worker_main(job):
         if job["threads"]:
             torch.set_num_threads(job["threads"])
         torch.manual_seed(0)
-        cfg = setup_cfg(job["config_file"], job["opts"])
+        cfg = setup_cfg(job["config_file"], job["opts"], datasets=job.get("datasets", ()))
         device = cfg.MODEL.DEVICE
         on_cuda = device.startswith("cuda")
         trainer_cls = get_trainer_class()

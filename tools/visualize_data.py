@@ -11,7 +11,9 @@ annotations, including crowd ones). `--source dataloader` draws what the model i
 images and `gt_boxes`/`gt_masks`/`gt_classes` produced by the training data loader of
 `projects.engine.Trainer` (resizing, flipping and any method-specific mapping), converted back
 from INPUT.FORMAT to RGB. Both stop after `--num` images (Detectron2's own tool never ends in
-dataloader mode). Class names come from the metadata of cfg.DATASETS.TRAIN[0].
+dataloader mode). Class names come from the metadata of cfg.DATASETS.TRAIN[0] (for a COCO json,
+its categories). A user's COCO-format dataset: `--dataset NAME=ann.json:images --opts
+DATASETS.TRAIN "('NAME',)"`; the dataloader source also checks the config's class count.
 """
 import argparse
 import itertools
@@ -19,6 +21,7 @@ import logging
 import os
 import sys
 
+from projects.data import dataset_classes
 from projects.tools_common import ToolError, add_config_args, get_trainer_class, setup_cfg
 
 logger = logging.getLogger("tools.visualize_data")
@@ -47,8 +50,9 @@ def _output_name(index, file_name):
 def iter_annotation_images(cfg, metadata):
     """Yield (file name, visualised RGB image) for the raw dicts of cfg.DATASETS.TRAIN."""
     from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import Visualizer
+
+    from projects.data import read_image
 
     for dataset_dict in itertools.chain.from_iterable(
         DatasetCatalog.get(name) for name in cfg.DATASETS.TRAIN
@@ -106,6 +110,11 @@ def run(cfg, source, output_dir, num):
         raise ToolError(f"--num must be positive, got {num}")
     if not len(cfg.DATASETS.TRAIN):
         raise ToolError("the config has no training dataset (DATASETS.TRAIN is empty)")
+    for name in cfg.DATASETS.TRAIN:  # fills thing_classes from a COCO json if not yet loaded
+        try:
+            dataset_classes(name)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise ToolError(e.args[0] if e.args else str(e)) from e
     metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     images = (iter_annotation_images if source == "annotation" else iter_dataloader_images)(
         cfg, metadata)
@@ -125,7 +134,7 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="tools.visualize_data", abbrev_name="vis")
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts, datasets=args.dataset)
     written = run(cfg, args.source, args.output_dir, args.num)
     print(f"wrote {len(written)} images to {args.output_dir}")
     return written

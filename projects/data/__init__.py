@@ -1,5 +1,9 @@
-"""Built-in datasets and data-loading helpers."""
+"""Built-in datasets, users' COCO-format datasets, the image reader and data-loading helpers."""
 from .builtin import register_shapes, shapes_image_glob
+from .image_io import ImageReadError, read_image
 from .mapper import CheckedDatasetMapper
+from .user_datasets import dataset_classes, register_coco_instances, register_datasets
 
-__all__ = ["CheckedDatasetMapper", "register_shapes", "shapes_image_glob"]
+__all__ = ["CheckedDatasetMapper", "ImageReadError", "dataset_classes", "read_image",
+           "register_coco_instances", "register_datasets", "register_shapes",
+           "shapes_image_glob"]

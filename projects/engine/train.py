@@ -8,20 +8,39 @@ from detectron2.engine import default_argument_parser, default_setup, hooks, lau
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from ..config import load_config
+from ..config import check_num_classes, load_config
+from ..data.user_datasets import SPEC_SYNTAX
 from .trainer import Trainer
 
 __all__ = ["argument_parser", "setup", "main", "run"]
 
 
+def add_dataset_argument(parser):
+    """``--dataset NAME=ANN.json[:IMAGES]`` (repeatable): a user's COCO-format dataset."""
+    parser.add_argument(
+        "--dataset", action="append", default=[],
+        metavar=SPEC_SYNTAX.replace("[", "").replace("]", ""),
+        help="register a COCO-format dataset under NAME before anything is built (repeatable; "
+             "the image folder defaults to the json's folder); use NAME in DATASETS.TRAIN / "
+             "DATASETS.TEST. Same as the config key DATASETS.REGISTER_COCO")
+    return parser
+
+
 def argument_parser():
     """Detectron2's standard parser: --config-file, --resume, --eval-only, --num-gpus,
-    --num-machines, --machine-rank, --dist-url and trailing ``KEY VALUE`` overrides."""
-    return default_argument_parser()
+    --num-machines, --machine-rank, --dist-url and trailing ``KEY VALUE`` overrides; plus
+    ``--dataset NAME=ANN.json[:IMAGES]`` (repeatable) for users' COCO-format datasets."""
+    return add_dataset_argument(default_argument_parser())
 
 
 def setup(args):
-    cfg = load_config(args.config_file, args.opts)
+    """Config of ``args`` (datasets registered), checked against its datasets' class counts
+    before any model is built: the training and test datasets, or only the test datasets with
+    ``--eval-only``."""
+    cfg = load_config(args.config_file, args.opts, datasets=getattr(args, "dataset", None) or ())
+    names = list(cfg.DATASETS.TEST) if args.eval_only else (
+        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    check_num_classes(cfg, names)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -9,13 +9,13 @@ import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, create_ddp_model
 from detectron2.engine import defaults as d2_defaults
-from detectron2.evaluation import COCOEvaluator
 
 from projects_common.tta import build_tta_model
 
-from ..config import check_num_classes
+from ..config import check_num_classes, register_config_datasets
 from ..data import CheckedDatasetMapper
 from ..data.builtin import prepare_dataset_files
+from .coco_evaluation import COCOEvaluator
 
 __all__ = ["Trainer", "compiled_coco_eval_available"]
 
@@ -74,18 +74,23 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        # the test datasets too: the final evaluation must not be the first to find a mismatch
+        register_config_datasets(cfg)
+        check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        register_config_datasets(cfg)
         check_num_classes(cfg, [dataset_name])
         return build_detection_test_loader(cfg, dataset_name,
                                            mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        register_config_datasets(cfg)
         prepare_dataset_files(dataset_name)
+        check_num_classes(cfg, [dataset_name])
         meta = MetadataCatalog.get(dataset_name)
         evaluator_type = meta.get("evaluator_type", None)
         if evaluator_type not in ("coco", None) or not meta.get("thing_classes", None):

@@ -103,3 +103,18 @@ def test_amp_without_cuda_is_a_clear_error(tiny_cfg, tmp_path, monkeypatch):
     cfg.merge_from_list(["SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(tmp_path)])
     with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs CUDA"):
         Trainer(cfg)
+
+
+def test_mapper_drops_degenerate_polygons_of_any_registration(tiny_cfg, tmp_path):
+    """Datasets registered without the project's loader: the mapper applies the same rule."""
+    path = tmp_path / "ok.png"
+    cv2.imwrite(str(path), np.full((64, 80, 3), 127, np.uint8))
+    mapper = CheckedDatasetMapper(tiny_cfg, is_train=True)
+    zero_area = _box(10, 10, 20, 20, cls=1)
+    zero_area["segmentation"] = [[10, 10, 20, 20, 30, 30]]  # 3 collinear points
+    mixed = _box(40, 30, 20, 20, cls=2)
+    mixed["segmentation"].append([1, 1, 3, 3])  # a valid square plus a 2-point polygon
+    out = mapper(_record(path, [_box(4, 4, 30, 20, cls=0), zero_area, mixed]))
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [0, 2]
+    assert [len(p) for p in inst.gt_masks.polygons] == [1, 1]

@@ -99,3 +99,33 @@ def test_demo_end_to_end_writes_visualisations(demo, tmp_path, tiny_config):
     for r in records:
         x0, y0, x1, y1 = r["bbox"]
         assert 0 <= r["score"] <= 1 and x0 <= x1 and y0 <= y1
+
+
+def test_demo_keeps_going_past_a_corrupt_file(demo, tmp_path, tiny_config):
+    torch.manual_seed(0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = [_write_image(inputs / f"ok{i}.png", 80, 96, seed=i) for i in (0, 2)]
+    (inputs / "ok1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # sorted between the two
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match=r"1 of 3 inputs could not be read:\n  .*ok1\.png"):
+        demo.main(["--config-file", tiny_config, "--input", str(inputs), "--output", str(out),
+                   "--confidence-threshold", "0.0"])
+    with open(out / "predictions.json") as f:
+        saved = json.load(f)
+    assert sorted(saved) == good  # the images before and after the corrupt one
+    assert sorted(os.listdir(out)) == ["ok0.png", "ok2.png", "predictions.json"]
+
+
+def test_shown_detections_threshold_or_top_k(demo):
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((10, 10))
+    inst.scores = torch.tensor([0.2, 0.9, 0.05, 0.6])
+    inst.pred_boxes = Boxes(torch.zeros(4, 4))
+    shown, fell_back = demo.select_shown(inst, 0.5, 3)
+    assert shown.scores.tolist() == pytest.approx([0.9, 0.6]) and not fell_back
+    shown, fell_back = demo.select_shown(inst, 0.95, 3)  # none >= 0.95: the 3 best
+    assert shown.scores.tolist() == pytest.approx([0.9, 0.6, 0.2]) and fell_back
+    shown, _ = demo.select_shown(inst, 0.95, 0)
+    assert len(shown) == 0
