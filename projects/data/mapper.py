@@ -1,7 +1,9 @@
 """`DatasetMapper` that turns unreadable images into errors naming the file."""
 from detectron2.data import DatasetMapper
 
-__all__ = ["CheckedDatasetMapper"]
+from rdsnet.data import RDSNetDatasetMapper
+
+__all__ = ["CheckedDatasetMapper", "build_train_mapper"]
 
 
 class CheckedDatasetMapper(DatasetMapper):
@@ -18,3 +20,15 @@ class CheckedDatasetMapper(DatasetMapper):
             raise type(e)(
                 f"cannot read image {file_name!r} (image_id={dataset_dict.get('image_id')}): {e}"
             ) from e
+
+
+class _CheckedRDSNetDatasetMapper(CheckedDatasetMapper, RDSNetDatasetMapper):
+    """`CheckedDatasetMapper` with RDSNet's GT boxes of the authors' "+1" pipeline."""
+
+
+def build_train_mapper(cfg):
+    """The training mapper for ``cfg``: `CheckedDatasetMapper`, or for RDSNet with
+    ``MODEL.RDSNET.BOX_PLUS_ONE`` its variant that converts GT boxes as the authors' pipeline."""
+    if cfg.MODEL.META_ARCHITECTURE == "RDSNet" and cfg.MODEL.RDSNET.BOX_PLUS_ONE:
+        return _CheckedRDSNetDatasetMapper(cfg, True)
+    return CheckedDatasetMapper(cfg, True)

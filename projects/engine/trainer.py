@@ -17,7 +17,7 @@ from detectron2.utils.logger import setup_logger
 from projects_common.tta import build_tta_model
 
 from ..config import check_num_classes
-from ..data import CheckedDatasetMapper
+from ..data import CheckedDatasetMapper, build_train_mapper
 from ..data.builtin import prepare_dataset_files
 
 __all__ = ["Trainer", "compiled_coco_eval_available"]
@@ -76,7 +76,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

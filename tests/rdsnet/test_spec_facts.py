@@ -251,3 +251,19 @@ def test_d2_boxes_not_mutated_by_iou():
     box_iou(a, a.clone(), True)
     assert a.tolist() == [[0.0, 0.0, 9.0, 9.0]]
     assert isinstance(Boxes(a), Boxes)
+
+
+def test_mask_loss_saturated_negatives_rank_with_positives():
+    """Authors' mining: positives and ignored pixels rank as zero-loss negatives (ties in pixel
+    order). All negatives saturated (CE 0), the first row ignored, 4 positives: the 4 kept ranks
+    are the ignored first row, so no negative is kept: 4 ln2 / (4 + 0 + 1)."""
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 0] = 30.0  # background logit 30: negatives have CE exactly 0 in float32
+    logits[0, :, 1:3, 1:3] = 0.0  # positives: CE ln 2
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3] = 1
+    target[0, 0, :] = -1
+    assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(4 * LN2 / 5))
+    # without the ignored row the first 4 ranks are the saturated negatives of row 0: 4 kept
+    target[0, 0, :] = 0
+    assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(4 * LN2 / 9))
