@@ -306,15 +306,17 @@ def _e(i, scale=1.0):
     return v
 
 
-# (P3 location (i, j), class, logit, target box at input scale (inclusive) or raw deltas, o_bg, o_fg)
+# (P3 location (i, j), class, logit, target box at input scale (inclusive) or raw deltas
+# (dx, dy, dw, dh), o_bg, o_fg)
 DETECTIONS = [
     ((2, 2), 0, 3.0, [10.0, 10.0, 29.0, 19.0], _e(0, 0.0), _e(0)),
     # IoU 0.52 with the first at input scale, 9.4 / 19 = 0.495 at the original scale
     ((2, 3), 0, 2.0, [10.0, 10.0, 29.0, 14.2], _e(1, 5.0), _e(1, 5.0)),
     # decoded left of the image: clipped to the one-pixel column x = 0
-    ((4, 0), 1, 1.0, "deltas", _e(2, 0.0), _e(2, 0.0)),
+    ((4, 0), 1, 1.0, ("deltas", [-1.0, 0.0, 0.0, 0.0]), _e(2, 0.0), _e(2, 0.0)),
+    # decoded across the bottom-right corner: clipped to x2 = 89, y2 = 59 (inclusive, w - 1)
+    ((6, 10), 2, 0.5, ("deltas", [0.5, 0.25, 0.0, 0.0]), _e(0), _e(0, 2.0)),
 ]
-D3_DELTAS = [-1.0, 0.0, 0.0, 0.0]
 
 
 def _fake_outputs():
@@ -330,7 +332,7 @@ def _fake_outputs():
         for (i, j), cls, logit, target, o_bg, o_fg in DETECTIONS:
             anchor = [BASE_ANCHORS[8][0] + 8 * j, BASE_ANCHORS[8][1] + 8 * i,
                       BASE_ANCHORS[8][2] + 8 * j, BASE_ANCHORS[8][3] + 8 * i]
-            d = D3_DELTAS if target == "deltas" else ref_encode(anchor, target)
+            d = target[1] if target[0] == "deltas" else ref_encode(anchor, target)
             logits[0][0, cls, i, j] = logit
             deltas[0][0, :, i, j] = torch.tensor(d)
             reps[0][0, :, i, j] = torch.cat([o_bg, o_fg])
@@ -354,10 +356,10 @@ def _expected_input_boxes():
     """Decoded, clipped boxes at the input scale (inclusive)."""
     boxes = []
     for (i, j), _, _, target, _, _ in DETECTIONS:
-        if target == "deltas":
+        if target[0] == "deltas":
             pw = ph = 32.0
-            gx = (8 * j + 3.5) + D3_DELTAS[0] * pw
-            gy = (8 * i + 3.5) + D3_DELTAS[1] * ph
+            gx = (8 * j + 3.5) + target[1][0] * pw
+            gy = (8 * i + 3.5) + target[1][1] * ph
             target = [gx - 0.5 * pw + 0.5, gy - 0.5 * ph + 0.5, gx + 0.5 * pw - 0.5, gy + 0.5 * ph - 0.5]
         x1, y1, x2, y2 = target
         clip_x = lambda v: min(max(v, 0.0), IN_W - 1.0)  # noqa: E731
@@ -395,12 +397,13 @@ def test_inference_boxes_scores_masks_by_value():
     assert ref_iou(boxes_out[0], boxes_out[1]) < 0.5
     assert boxes_out[2][0] == boxes_out[2][2] == 0.0  # one pixel wide
     assert inst.image_size == (OUT_H, OUT_W)
-    assert inst.pred_classes.tolist() == [0, 0, 1]
-    expected_scores = [1 / (1 + math.exp(-v)) for v in (3.0, 2.0, 1.0)]
+    assert inst.pred_classes.tolist() == [0, 0, 1, 2]
+    expected_scores = [1 / (1 + math.exp(-v)) for v in (3.0, 2.0, 1.0, 0.5)]
     assert inst.scores.tolist() == pytest.approx(expected_scores, rel=1e-6)
     exported = [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]
     assert torch.allclose(inst.pred_boxes.tensor, torch.tensor(exported), atol=1e-3)
     assert exported[2] == [0.0, 40.0, 1.0, 103.0]
+    assert exported[3][2:] == pytest.approx([89 * SX + 1, 59 * SY + 1])
 
     soft = _expected_soft_masks(pixel, boxes_out)
     _assert_masks(inst.pred_masks, soft)
