@@ -267,3 +267,11 @@ def test_mask_loss_saturated_negatives_rank_with_positives():
     # without the ignored row the first 4 ranks are the saturated negatives of row 0: 4 kept
     target[0, 0, :] = 0
     assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(4 * LN2 / 9))
+
+
+def test_mask_loss_ratio_scales_kept_negatives():
+    """pos_neg_ratio r keeps r x n_pos negatives (all logits 0, CE ln 2, 4 positives):
+    r = 2 -> 12 ln2 / 13; r = 0.5 -> 6 ln2 / 7."""
+    logits, target = _tiny_example()
+    assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 13))
+    assert torch.isclose(instance_mask_losses(logits, target, 0.5)[0], torch.tensor(6 * LN2 / 7))
