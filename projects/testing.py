@@ -22,7 +22,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from .config import load_config
-from .data import CheckedDatasetMapper
+from .data import build_train_mapper
 from .engine import Trainer
 
 __all__ = ["TEST_DEVICE", "TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
@@ -100,7 +100,7 @@ def run_one_training_iteration(cfg):
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
-    loader = build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+    loader = build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
     batch = next(iter(loader))
     with EventStorage(0):
         losses = model(batch)

@@ -30,10 +30,14 @@ def instance_mask_losses(
 ) -> torch.Tensor:
     """Per-instance normalised 2-class cross-entropy with hard-negative mining.
 
-    Per instance: CE per pixel (target -1 = outside the crop, ignored); keep all positives and
-    the ``min(ratio * n_pos, h*w - 1)`` negatives with the highest CE (``ratio <= 0``: keep all
-    negatives); L_n = sum of kept CE / (number of kept pixels + 1). An instance without
-    positive pixels contributes 0 when mining is on.
+    Per instance: CE per pixel (target -1 = outside the crop, ignored, CE 0); keep all positives
+    and the negatives ranked among the first ``min(ratio * n_pos, h*w - 1)`` pixels when *all*
+    pixels are sorted by decreasing negative CE, positives and ignored pixels counting as zero-loss
+    negatives (``ratio <= 0``: keep all negatives); L_n = sum of kept CE / (number of kept
+    pixels + 1). This is the authors' ranking: when the CE of negatives saturates to 0, positives
+    and ignored pixels take ranks among the zero-loss negatives (ties in row-major pixel order, a
+    stable sort) and fewer negatives enter the denominator. An instance without positive pixels
+    contributes 0 when mining is on.
 
     Args:
         logits: (n, 2, h, w) mask logits (channel 1 = foreground).
@@ -48,12 +52,9 @@ def instance_mask_losses(
     targets = targets.flatten(1)
     pos, neg = targets == 1, targets == 0
     if pos_neg_ratio > 0:
-        num_pos = pos.sum(dim=1)
-        num_neg = torch.clamp(
-            torch.floor(num_pos.float() * pos_neg_ratio).long(), max=targets.shape[1] - 1
-        )
-        neg_ce = torch.where(neg, ce.detach(), torch.full_like(ce, -1.0))
-        order = neg_ce.argsort(dim=1, descending=True)
+        num_neg = torch.clamp(pos.sum(dim=1).to(ce.dtype) * pos_neg_ratio, max=targets.shape[1] - 1)
+        neg_ce = torch.where(neg, ce.detach(), torch.zeros_like(ce))
+        order = neg_ce.sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand(n, -1))
         keep_neg = neg & (rank < num_neg[:, None])

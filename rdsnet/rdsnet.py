@@ -13,7 +13,6 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
 from torch import nn
@@ -210,16 +209,18 @@ class RDSNet(nn.Module):
                 raise ValueError("RDSNet training needs 'instances' in the inputs")
             gt = [x["instances"].to(self.device) for x in batched_inputs]
             return self.losses(images, head_features, anchors, logits, deltas, reps, pixel_reps, gt)
-        results = self.inference(images, anchors, logits, deltas, reps)
+        output_sizes = [
+            (x.get("height", size[0]), x.get("width", size[1]))
+            for x, size in zip(batched_inputs, images.image_sizes)
+        ]
+        results = self.inference(images, anchors, logits, deltas, reps, output_sizes)
         processed = []
-        for i, (result, x) in enumerate(zip(results, batched_inputs)):
-            out_h = x.get("height", images.image_sizes[i][0])
-            out_w = x.get("width", images.image_sizes[i][1])
+        for i, result in enumerate(results):
             pixel_i = None
             if pixel_reps is not None:
                 ph, pw = pad_shape(images.image_sizes[i], self.size_divisibility)
                 pixel_i = pixel_reps[i, :, : ph // 4, : pw // 4]
-            inst = self.postprocess(result, pixel_i, images.image_sizes[i], out_h, out_w)
+            inst = self.postprocess(result, pixel_i, images.image_sizes[i])
             processed.append({"instances": inst})
         return processed
 
@@ -354,11 +355,19 @@ class RDSNet(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def inference(self, images: ImageList, anchors, logits, deltas, reps) -> List[Instances]:
-        """Per image: per-level top-k, decode, class-wise NMS (spec §3 steps 2-4).
+    def inference(
+        self, images: ImageList, anchors, logits, deltas, reps, output_sizes
+    ) -> List[Instances]:
+        """Per image: per-level top-k, decode, clip, rescale, class-wise NMS (spec §3 steps 2-4).
 
-        Returns Instances at the network input size with pred_boxes (internal convention),
-        scores, pred_classes and pred_reps (n, 2d).
+        As the authors, boxes are clipped to the network input, rescaled to the output
+        (original image) size and only then suppressed ("+1" IoU at the original scale).
+
+        Args:
+            output_sizes: (height, width) per image of the requested outputs.
+        Returns:
+            Instances at the output size with pred_boxes (internal convention, not clipped to
+            the output), scores, pred_classes and pred_reps (n, 2d).
         """
         num_a = self.anchor_generator.num_cell_anchors[0]
         rep_dim2 = reps[0].shape[1] // num_a
@@ -375,12 +384,15 @@ class RDSNet(nn.Module):
                 reps_l.append(_flatten(rp[i : i + 1], rep_dim2)[0][top])
             boxes, scores, obj_reps = cat(boxes_l), cat(scores_l), cat(reps_l)
             boxes = self._clip(boxes, image_size)
+            out_h, out_w = output_sizes[i]
+            sx, sy = out_w / image_size[1], out_h / image_size[0]
+            boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
             cand = torch.nonzero(scores > self.test_score_thresh)
             rows, classes = cand[:, 0], cand[:, 1]
             keep = nms_per_class(
                 boxes[rows], scores[rows, classes], classes, self.test_nms_thresh, self.box_plus_one
             )[: self.max_detections_per_image]
-            result = Instances(image_size)
+            result = Instances((out_h, out_w))
             result.pred_boxes = Boxes(boxes[rows[keep]])
             result.scores = scores[rows[keep], classes[keep]]
             result.pred_classes = classes[keep]
@@ -401,20 +413,20 @@ class RDSNet(nn.Module):
         result: Instances,
         pixel_reps: Optional[torch.Tensor],
         image_size: Tuple[int, int],
-        out_h: int,
-        out_w: int,
     ) -> Instances:
-        """Rescale to the output size, predict masks, optionally refine boxes with MBRM.
+        """Predict masks at the output size, optionally refine boxes with MBRM, export boxes.
 
         Masks (spec §3 step 6): foreground logit at stride 4 -> bilinear x4 (align_corners=False)
         -> crop to the unpadded image -> bilinear to (out_h, out_w) (align_corners=True) ->
         sigmoid -> zero outside the box expanded by `test_crop_pad` -> MBRM -> > `mask_thresh`.
 
         Args:
+            result: `inference` output of this image (at the output size).
             pixel_reps: (d, pad_h/4, pad_w/4) pixel representations of this image, or None.
+            image_size: (h, w) of the resized, unpadded network input.
         """
-        result = detector_postprocess(result, out_h, out_w)
-        boxes = self._clip(result.pred_boxes.tensor, (out_h, out_w))
+        out_h, out_w = result.image_size
+        boxes = result.pred_boxes.tensor
         reps = result.pred_reps
         result.remove("pred_reps")
         if pixel_reps is not None:
@@ -445,13 +457,11 @@ class RDSNet(nn.Module):
                 )
                 if not self.box_plus_one:
                     boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1.0], dim=1)
-        if self.box_plus_one or self.mbrm is not None:
+        if self.box_plus_one:
             # inclusive pixel boxes cover [x1, x2 + 1) in Detectron2's continuous convention
-            # (this is also mmdet's "+1" COCO export)
-            if self.box_plus_one:
-                boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1.0], dim=1)
-            boxes = Boxes(boxes)
-            boxes.clip((out_h, out_w))
-            boxes = boxes.tensor
-        result.pred_boxes = Boxes(boxes)
+            # (this is also mmdet's "+1" COCO export); one-pixel boxes (x1 == x2) are kept
+            boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + 1.0], dim=1)
+        boxes = Boxes(boxes)
+        boxes.clip((out_h, out_w))
+        result.pred_boxes = boxes
         return result

@@ -6,11 +6,12 @@ import logging
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils
 from detectron2.utils.logger import log_first_n
+from rdsnet.data import RDSNetDatasetMapper
 
 from .annotations import clean_segmentation
 from .image_io import read_image
 
-__all__ = ["CheckedDatasetMapper"]
+__all__ = ["CheckedDatasetMapper", "build_train_mapper"]
 
 # The file `CheckedDatasetMapper.__call__` is mapping right now (per thread / task).
 _MAPPING = contextvars.ContextVar("projects_data_mapping", default=None)
@@ -90,3 +91,15 @@ class CheckedDatasetMapper(DatasetMapper):
             ) from e
         finally:
             _MAPPING.reset(token)
+
+
+class _CheckedRDSNetDatasetMapper(CheckedDatasetMapper, RDSNetDatasetMapper):
+    """`CheckedDatasetMapper` with RDSNet's GT boxes of the authors' "+1" pipeline."""
+
+
+def build_train_mapper(cfg):
+    """The training mapper for ``cfg``: `CheckedDatasetMapper`, or for RDSNet with
+    ``MODEL.RDSNET.BOX_PLUS_ONE`` its variant that converts GT boxes as the authors' pipeline."""
+    if cfg.MODEL.META_ARCHITECTURE == "RDSNet" and cfg.MODEL.RDSNET.BOX_PLUS_ONE:
+        return _CheckedRDSNetDatasetMapper(cfg, True)
+    return CheckedDatasetMapper(cfg, True)

@@ -13,7 +13,7 @@ from detectron2.engine import defaults as d2_defaults
 from projects_common.tta import build_tta_model
 
 from ..config import check_num_classes, register_config_datasets
-from ..data import CheckedDatasetMapper
+from ..data import CheckedDatasetMapper, build_train_mapper
 from ..data.builtin import prepare_dataset_files
 from .coco_evaluation import COCOEvaluator
 
@@ -77,7 +77,7 @@ class Trainer(DefaultTrainer):
         # the test datasets too: the final evaluation must not be the first to find a mismatch
         register_config_datasets(cfg)
         check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

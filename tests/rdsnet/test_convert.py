@@ -157,3 +157,27 @@ def test_converted_tiny_model_runs_and_anchor_orders_agree(tmp_path):
     DetectionCheckpointer(fresh).load(str(dst))
     for key, value in mm.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_convert_checkpoint_file_in_process(tmp_path):
+    """`convert_rdsnet_checkpoint` (the CLI's function, here in-process): reads the upstream
+    file, builds the config's model for the shapes, permutes the predictors for Detectron2's
+    size-major anchors (D2 slot s*3 + r = mmdet slot r*3 + s) and writes {"model": ...}."""
+    from rdsnet.convert import convert_rdsnet_checkpoint
+
+    source = mmdet_source(torchvision.models.resnet18(), c_in=(128, 256, 512), fpn=64, pix=64,
+                          num_classes=3)
+    src, dst = tmp_path / "up.pth", tmp_path / "out.pth"
+    torch.save({"meta": {}, "state_dict": source}, str(src))
+    cfg = rdsnet_tiny.tiny_cfg(opts=MMDET_ARCH_OPTS + [
+        "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"])
+    counts = convert_rdsnet_checkpoint(cfg, str(src), str(dst))
+    # every key maps (the BN trunk of the tiny config keeps num_batches_tracked)
+    assert counts == {"source": len(source), "converted": len(source)}
+    model = torch.load(str(dst), weights_only=False)["model"]
+    assert len(model) == len(source)
+    up = source["bbox_head.retina_cls.bias"].view(3, 3, 3)  # (ratio, size, class)
+    out = torch.as_tensor(model["head.cls_score.bias"]).view(3, 3, 3)  # (size, ratio, class)
+    assert torch.equal(out, up.transpose(0, 1))
+    assert torch.equal(torch.as_tensor(model["pixel_stream.out.weight"]),
+                       source["mask_head.conv_reps.weight"])

@@ -94,3 +94,24 @@ def test_constants_are_fixed_buffers(mbrm):
     assert mbrm.weight.numel() + mbrm.bias.numel() == 10
     with pytest.raises(ValueError, match="KERNEL_SIZE"):
         MBRM(kernel_size=7)
+
+
+def test_sigma_has_no_plus_one(mbrm):
+    """§8.3: sigma = gamma (x2 - x1) = 2.7 for box [24, 20, 78, 59] on the 100x120 rectangle
+    (columns 30..89). At x1 = 24 the evidence is the bias alone (profile zero over 20..28):
+    0.12416 x prior 1; at the true edge 29: 0.6741 x exp(-5^2 / (2 * 2.7^2)) = 0.1213 < 0.12416,
+    so x1 stays 24. With a "+1" width (sigma 2.75) the edge would move to 29."""
+    assert 0.6741 * math.exp(-25 / (2 * 2.7 ** 2)) < 0.12416 < 0.6741 * math.exp(-25 / (2 * 2.75 ** 2))
+    out = mbrm.get_boxes(_mask(), torch.tensor([[24.0, 20.0, 78.0, 59.0]]), torch.ones(1))
+    assert out[0, 0].item() == 24
+
+
+def test_each_distribution_row_sums_to_one_and_single_box(mbrm):
+    """§7.8: every row of every distribution sums to 1 (normalised per instance, not over the
+    batch); one detection through the profiles path gives the §7.8 refined box."""
+    masks = torch.cat([_mask(0.6), _mask(1.0)])
+    boxes = torch.tensor([[30, 20, 89, 59], [26, 17, 93, 63]], dtype=torch.float32)
+    for d in mbrm(masks, boxes):
+        assert torch.allclose(d.sum(dim=1), torch.ones(2), atol=1e-5)
+    one = mbrm.refine_from_profiles(masks[1:].amax(1), masks[1:].amax(2), boxes[1:])
+    assert one.tolist() == [[29, 19, 90, 60]]

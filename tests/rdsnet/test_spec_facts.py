@@ -251,3 +251,27 @@ def test_d2_boxes_not_mutated_by_iou():
     box_iou(a, a.clone(), True)
     assert a.tolist() == [[0.0, 0.0, 9.0, 9.0]]
     assert isinstance(Boxes(a), Boxes)
+
+
+def test_mask_loss_saturated_negatives_rank_with_positives():
+    """Authors' mining: positives and ignored pixels rank as zero-loss negatives (ties in pixel
+    order). All negatives saturated (CE 0), the first row ignored, 4 positives: the 4 kept ranks
+    are the ignored first row, so no negative is kept: 4 ln2 / (4 + 0 + 1)."""
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 0] = 30.0  # background logit 30: negatives have CE exactly 0 in float32
+    logits[0, :, 1:3, 1:3] = 0.0  # positives: CE ln 2
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3] = 1
+    target[0, 0, :] = -1
+    assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(4 * LN2 / 5))
+    # without the ignored row the first 4 ranks are the saturated negatives of row 0: 4 kept
+    target[0, 0, :] = 0
+    assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(4 * LN2 / 9))
+
+
+def test_mask_loss_ratio_scales_kept_negatives():
+    """pos_neg_ratio r keeps r x n_pos negatives (all logits 0, CE ln 2, 4 positives):
+    r = 2 -> 12 ln2 / 13; r = 0.5 -> 6 ln2 / 7."""
+    logits, target = _tiny_example()
+    assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 13))
+    assert torch.isclose(instance_mask_losses(logits, target, 0.5)[0], torch.tensor(6 * LN2 / 7))
