@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 import tsd_tiny
@@ -136,7 +136,7 @@ def proposals(boxes):
 
 def targets(boxes, classes):
     inst = Instances(IMG)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     return [inst]
 
@@ -147,7 +147,7 @@ DC = torch.linspace(-1.5, 1.5, 98)  # non-zero ΔC (only changes F̂_c, not the 
 TSD_LOGITS = [0.3, 1.2, -0.4, 0.1]
 TSD_DELTAS = [[0.5, -0.2, 0.1, 0.3], [-0.3, 0.4, -0.2, 0.1], [0.2, 0.1, 0.25, -0.15]]
 SIB_LOGITS = [0.8, -0.1, 0.5, 0.2]
-SIB_DELTAS = [[0.1, 0.3, -0.1, 0.2], [0.4, -0.5, 0.3, 0.0], [-0.2, 0.2, 0.1, 0.1]]
+SIB_DELTAS = [[0.1, 0.3, -0.1, 0.2], [1.0, -1.0, 0.5, 0.2], [-0.2, 0.2, 0.1, 0.1]]
 W = (10.0, 10.0, 5.0, 5.0)
 
 
@@ -197,25 +197,29 @@ class TestTSDInference(unittest.TestCase):
 
 
 class TestTSDTrainingLosses(unittest.TestCase):
-    """Spec §4, §5: all six box losses of one image with three RoIs (two proposals + the
-    appended GT), against the closed-form values."""
+    """Spec §4, §5: all six box losses of a batch of two images, against closed-form values.
+    Image 0: two proposals (IoU > 0.5 and IoU 0 with its GT) + the appended GT; image 1: two
+    proposals and no GT, so it adds one 0 entry to each PC vector (spec §5.3, fact 20)."""
 
     G = [40.0, 50.0, 120.0, 110.0]
     P = [[44.0, 46.0, 128.0, 112.0], [130.0, 10.0, 180.0, 60.0]]  # IoU > 0.5, IoU 0
+    P_EMPTY = [[20.0, 30.0, 90.0, 80.0], [100.0, 90.0, 170.0, 150.0]]
     LABEL = 1
 
     def _expected(self, legacy):
         rows = [(self.P[0], self.LABEL), (self.P[1], K), (self.G, self.LABEL)]
-        n = len(rows)
+        rows_empty = [(p, K) for p in self.P_EMPTY]
+        n = len(rows) + len(rows_empty)
         ps, qs = softmax(SIB_LOGITS), softmax(TSD_LOGITS)
         exp = {"loss_cls": 0.0, "loss_tsd_cls": 0.0, "loss_box_reg": 0.0,
                "loss_tsd_box_reg": 0.0, "loss_pc_cls": 0.0, "loss_pc_loc": 0.0}
-        num_fg = 0
-        for p, y in rows:
+        for _, y in rows + rows_empty:
             exp["loss_cls"] -= math.log(ps[y]) / n
             exp["loss_tsd_cls"] -= math.log(qs[y]) / n
+        num_fg = 0
+        for p, y in rows:  # only image 0 has a positive: PC entries from its rows only
             m = min(1 - ps[y], 0.3)
-            exp["loss_pc_cls"] += max(0.0, ps[y] + m - qs[y]) / n
+            exp["loss_pc_cls"] += max(0.0, ps[y] + m - qs[y])
             if y == K:
                 continue
             num_fg += 1
@@ -231,7 +235,8 @@ class TestTSDTrainingLosses(unittest.TestCase):
             u = ref_iou(ref_decode(p, SIB_DELTAS[y], W, legacy), self.G, legacy)
             v = ref_iou(ref_decode(pr, TSD_DELTAS[y], W, legacy), self.G, legacy)
             exp["loss_pc_loc"] += max(0.0, u + min(1 - u, 0.3) - v)
-        exp["loss_pc_loc"] /= num_fg
+        exp["loss_pc_cls"] /= len(rows) + 1  # + one 0 entry for image 1
+        exp["loss_pc_loc"] /= num_fg + 1
         return exp
 
     def _run(self, legacy):
@@ -240,20 +245,73 @@ class TestTSDTrainingLosses(unittest.TestCase):
         _set(heads.box_predictor.cls_score, SIB_LOGITS)
         _set(heads.box_predictor.bbox_pred, SIB_DELTAS)
         heads.train()
+        feats = {k: torch.cat([v, v.flip(-1)]) for k, v in features().items()}
+        imgs = ImageList(torch.zeros(2, 3, *IMG), [IMG, IMG])
+        props = proposals(self.P) + proposals(self.P_EMPTY)
+        tgts = targets([self.G], [self.LABEL]) + targets(torch.zeros(0, 4), [])
         with EventStorage():
-            _, losses = heads(images(), features(), proposals(self.P),
-                              targets([self.G], [self.LABEL]))
+            _, losses = heads(imgs, feats, props, tgts)
         expected = self._expected(legacy)
         self.assertEqual(set(losses), set(expected))
         for k, v in expected.items():
             self.assertGreater(v, 1e-4, k)  # every loss is active in this case
             self.assertAlmostEqual(losses[k].item(), v, places=5, msg=k)
+        return heads, losses
 
     def test_losses(self):
         self._run(legacy=False)
 
     def test_losses_legacy(self):
         self._run(legacy=True)
+
+    def test_gradients(self):
+        """Spec §5.5: the PC and TSD losses do not reach the sibling; loss_tsd_box_reg and
+        loss_pc_loc reach ΔR; the sibling losses do not reach the TSD branch."""
+        heads, losses = self._run(legacy=False)
+        og, pred = heads.tsd_head.offset_generator, heads.tsd_head.predictor
+        sib = heads.box_predictor
+
+        def grads(name, params):
+            g = torch.autograd.grad(losses[name], params, retain_graph=True, allow_unused=True)
+            return [0.0 if x is None else x.abs().sum().item() for x in g]
+
+        sib_params = [sib.cls_score.bias, sib.bbox_pred.bias]
+        for name in ("loss_tsd_cls", "loss_tsd_box_reg", "loss_pc_cls", "loss_pc_loc"):
+            self.assertEqual(grads(name, sib_params), [0.0, 0.0], name)
+        self.assertEqual(grads("loss_cls", [pred.cls_score.bias, og.delta_r_fc2.bias]), [0, 0])
+        self.assertGreater(grads("loss_tsd_box_reg", [og.delta_r_fc2.bias])[0], 0)
+        self.assertGreater(grads("loss_pc_loc", [og.delta_r_fc2.bias])[0], 0)
+        self.assertGreater(grads("loss_pc_cls", [pred.cls_score.bias])[0], 0)
+        self.assertEqual(grads("loss_tsd_box_reg", [og.delta_c_fc2.bias]), [0.0])
+
+
+class TestTSDMask(unittest.TestCase):
+    """Spec §7 (Mask R-CNN config): the mask head trains on the positive proposals P (not
+    P̂_r) and runs at test on the final TSD detections."""
+
+    def test_mask_boxes(self):
+        heads = build_heads(**{"MODEL.MASK_ON": True})
+        set_tsd(heads.tsd_head, DR, DC, TSD_LOGITS, TSD_DELTAS)
+        seen = []
+        heads.mask_pooler.register_forward_hook(
+            lambda m, i, o: seen.append(torch.cat([b.tensor for b in i[1]])))
+        G = [40.0, 50.0, 120.0, 110.0]
+        P = [[44.0, 46.0, 128.0, 112.0], [130.0, 10.0, 180.0, 60.0]]
+        tgt = targets([G], [1])
+        tgt[0].gt_masks = BitMasks(torch.zeros(1, *IMG, dtype=torch.bool))
+        heads.train()
+        with EventStorage():
+            _, losses = heads(images(), features(), proposals(P), tgt)
+        self.assertIn("loss_mask", losses)
+        rows = sorted(seen[0].tolist())
+        self.assertEqual(rows, sorted([P[0], G]))  # the two positives, untranslated
+        heads.eval()
+        with torch.no_grad():
+            det, _ = heads(images(), features(), proposals(P))
+        torch.testing.assert_close(seen[1], det[0].pred_boxes.tensor)
+        self.assertEqual(tuple(det[0].pred_masks.shape[1:]), (1, 28, 28))
+        box = ref_decode(ref_translate(P[0], DR, False), TSD_DELTAS[0], W, False)
+        self.assertTrue(((seen[1] - torch.tensor(box)).abs().max(dim=1).values < 1e-3).any())
 
 
 class TestTSDCascadeInference(unittest.TestCase):
