@@ -236,3 +236,37 @@ def test_worked_example_losses_through_the_heads(make_cfg, fpn_shapes):
         assert losses[k].item() == pytest.approx(v, rel=1e-5), k
     # the classification samples returned to the caller: {g, c0, c1} positives + {c2, c3}
     assert sorted(samples[0].gt_classes.tolist()) == [17, 17, 17, K, K]
+
+
+# ---------------------------------------------------------------- FPN init (spec §2.7)
+@pytest.mark.parametrize("meta_arch,mode", [("DecoupledRCNN", "xavier_uniform"),
+                                            ("DecoupledRCNN", "c2_xavier"),
+                                            ("GeneralizedRCNN", "xavier_uniform")])
+def test_fpn_init(make_cfg, config_paths, meta_arch, mode):
+    """The configs' `DecoupledRCNN` initialises every FPN conv as mmdet's xavier_init
+    (uniform, bound sqrt(6 / (fan_in + fan_out)), bias 0); "c2_xavier" and Detectron2's
+    GeneralizedRCNN keep Detectron2's c2_xavier_fill (bound sqrt(3 / fan_in), bias 0)."""
+    from detectron2.modeling import build_model
+    from torch import nn
+
+    cfg = make_cfg(opts=config_paths["tiny_opts"] + [
+        "MODEL.META_ARCHITECTURE", meta_arch, "MODEL.DECOUPLED_RCNN.FPN_INIT", mode])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert type(model).__name__ == meta_arch
+    xavier = meta_arch == "DecoupledRCNN" and mode == "xavier_uniform"
+    convs = [(n, m) for n, m in model.backbone.named_modules()
+             if isinstance(m, nn.Conv2d) and not n.startswith("bottom_up")]
+    assert len(convs) == 8  # 4 lateral + 4 output convs
+    distinct = 0
+    for name, conv in convs:
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        fan_in, fan_out = conv.in_channels * k, conv.out_channels * k
+        bound = math.sqrt(6 / (fan_in + fan_out)) if xavier else math.sqrt(3 / fan_in)
+        w = conv.weight
+        assert w.abs().max().item() <= bound * (1 + 1e-6), name
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+        assert conv.bias.abs().max().item() == 0.0, name
+        other = math.sqrt(3 / fan_in) if xavier else math.sqrt(6 / (fan_in + fan_out))
+        distinct += abs(other / bound - 1) > 0.15
+    assert distinct >= 3  # the wider lateral convs tell the two schemes apart
