@@ -1,6 +1,7 @@
 """Config keys of the `decoupled_rcnn` package (all under `MODEL.DECOUPLED_RCNN`).
 
 The rest of a Decoupled R-CNN model is configured with Detectron2's own keys:
+``MODEL.META_ARCHITECTURE: "DecoupledRCNN"`` (GeneralizedRCNN + the authors' FPN init),
 ``MODEL.PROPOSAL_GENERATOR.NAME: "DualNMSRPN"``, ``MODEL.ROI_HEADS.NAME: "DecoupledROIHeads"``,
 ``MODEL.RPN.NMS_THRESH`` (classification proposal set), ``MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE`` /
 ``POSITIVE_FRACTION`` / ``IOU_THRESHOLDS`` / ``PROPOSAL_APPEND_GT`` (classification samples),
@@ -43,6 +44,10 @@ def add_decoupled_rcnn_config(cfg):
     # stage-0 towers), "c2_xavier" (Detectron2's default), or "pytorch_default" (nn.Linear's own
     # init; the authors' refine towers, whose custom init never runs, spec §2.7).
     _C.TOWER_INIT = "xavier_uniform"
+    # FPN conv init of the `DecoupledRCNN` meta-architecture: "xavier_uniform" (mmdet
+    # xavier_init, bias 0; the authors') or "c2_xavier" (Detectron2's FPN default). Models
+    # built with Detectron2's GeneralizedRCNN ignore this key.
+    _C.FPN_INIT = "xavier_uniform"
     _C.REFINE_TOWER_INIT = "pytorch_default"
     # Test-time duplicate removal: "nms" (hard, IoU MODEL.ROI_HEADS.NMS_THRESH_TEST) or
     # "soft_nms_linear" (score *= 1 - IoU when IoU >= NMS_THRESH_TEST; the multi-scale rows).

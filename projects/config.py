@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # Decoupled R-CNN are GeneralizedRCNN models; RDSNet has its own meta-architecture).
 NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "DecoupledRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "RDSNet": "MODEL.RDSNET.NUM_CLASSES",
 }

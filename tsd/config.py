@@ -29,3 +29,7 @@ def add_tsd_config(cfg):
     cfg.MODEL.TSD.LEGACY_COORDS = False
     # Cascade only: multiplier of all losses of each stage (authors' TSD configs: 1, 1, 1).
     cfg.MODEL.TSD.CASCADE_STAGE_WEIGHTS = (1.0, 1.0, 1.0)
+    # Cascade only: re-assign and re-sample every stage as the authors (drop the GT rows, append
+    # the GT, match at the stage IoU, ROI_HEADS.BATCH_SIZE_PER_IMAGE RoIs with at most
+    # POSITIVE_FRACTION positives). False: Detectron2's cascade (all refined RoIs, no sampling).
+    cfg.MODEL.TSD.CASCADE_RESAMPLE = True

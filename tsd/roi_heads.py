@@ -27,12 +27,22 @@ from detectron2.modeling.roi_heads import (
     build_box_head,
 )
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Instances
+from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
+from detectron2.structures import Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
+from .geometry import LegacyBox2BoxTransform
 from .head import TSDHead
 
 __all__ = ["TSDROIHeads", "TSDCascadeROIHeads"]
+
+
+def _box_coder(cfg, weights) -> Box2BoxTransform:
+    """The box coder of one stage: the authors' "+1" coder with ``MODEL.TSD.LEGACY_COORDS``,
+    else Detectron2's (both clamp log-size deltas at log(1000/16))."""
+    if cfg.MODEL.TSD.LEGACY_COORDS:
+        return LegacyBox2BoxTransform(weights=weights)
+    return Box2BoxTransform(weights=weights)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -63,7 +73,11 @@ class TSDROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        ret["tsd_head"] = TSDHead(cfg, input_shape)
+        transform = ret["box_predictor"].box2box_transform
+        if cfg.MODEL.TSD.LEGACY_COORDS:  # "+1" box coding for the sibling and TSD (spec §11.4)
+            transform = _box_coder(cfg, transform.weights)
+            ret["box_predictor"].box2box_transform = transform
+        ret["tsd_head"] = TSDHead(cfg, input_shape, box2box_transform=transform)
         return ret
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
@@ -97,17 +111,72 @@ class TSDCascadeROIHeads(CascadeROIHeads):
     """
 
     @configurable
-    def __init__(self, *, tsd_heads: List[TSDHead], stage_loss_weights: Sequence[float], **kwargs):
+    def __init__(
+        self,
+        *,
+        tsd_heads: List[TSDHead],
+        stage_loss_weights: Sequence[float],
+        resample_stages: bool = True,
+        **kwargs,
+    ):
         """
         Args:
             tsd_heads: one TSD head per stage.
             stage_loss_weights: multiplier of every loss of a stage.
+            resample_stages: training, stages > 0: drop the RoIs that were GT boxes, append the
+                GT again, match at the stage's IoU and draw ``batch_size_per_image`` RoIs with at
+                most ``positive_fraction`` positives (the authors). False: Detectron2's cascade
+                (match the refined boxes of all RoIs, no sampling, no GT appended).
             kwargs: `CascadeROIHeads` arguments (sibling ``box_heads``/``box_predictors``).
         """
         super().__init__(**kwargs)
         assert len(tsd_heads) == self.num_cascade_stages == len(stage_loss_weights)
         self.tsd_head = nn.ModuleList(tsd_heads)
         self.stage_loss_weights = [float(w) for w in stage_loss_weights]
+        self.resample_stages = bool(resample_stages)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["resample_stages"] = cfg.MODEL.TSD.CASCADE_RESAMPLE
+        return ret
+
+    def label_and_sample_proposals(self, proposals, targets):
+        """Stage-0 sampling (512 RoIs, 25 % positives, GT appended), recording ``is_gt``."""
+        return self._label_and_sample_stage(proposals, targets, 0)
+
+    @torch.no_grad()
+    def _label_and_sample_stage(self, proposals, targets, stage: int) -> List[Instances]:
+        """Append the GT, match at the stage's IoU threshold and sample (mmdet's assigner +
+        RandomSampler at every cascade stage, spec §8).
+
+        Returns:
+            per image, the sampled ``Instances`` with ``gt_classes``, the matched ``gt_*``
+            fields (images with GT) and ``is_gt`` (bool, the row is an appended GT box).
+        """
+        num_props = [len(p) for p in proposals]
+        for p in proposals:  # refined boxes of a later stage carry no objectness
+            if not p.has("objectness_logits"):
+                p.objectness_logits = torch.zeros(len(p), device=p.proposal_boxes.device)
+        if self.proposal_append_gt:
+            proposals = add_ground_truth_to_proposals(targets, proposals)  # appended last
+        matcher = self.proposal_matchers[stage]
+        out = []
+        for props, n, tgt in zip(proposals, num_props, targets):
+            has_gt = len(tgt) > 0
+            matched_idxs, matched_labels = matcher(
+                pairwise_iou(tgt.gt_boxes, props.proposal_boxes)
+            )
+            idx, gt_classes = self._sample_proposals(matched_idxs, matched_labels, tgt.gt_classes)
+            sample = props[idx]
+            sample.gt_classes = gt_classes
+            sample.is_gt = idx >= n
+            if has_gt:
+                for name, value in tgt.get_fields().items():
+                    if name.startswith("gt_") and not sample.has(name):
+                        sample.set(name, value[matched_idxs[idx]])
+            out.append(sample)
+        return out
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -141,7 +210,7 @@ class TSDCascadeROIHeads(CascadeROIHeads):
         pooled = ShapeSpec(channels=in_channels, width=resolution, height=resolution)
         box_heads, box_predictors, tsd_heads, matchers = [], [], [], []
         for iou, weights in zip(ious, reg_weights):
-            transform = Box2BoxTransform(weights=weights)
+            transform = _box_coder(cfg, weights)
             box_head = build_box_head(cfg, pooled)
             box_heads.append(box_head)
             box_predictors.append(
@@ -194,9 +263,14 @@ class TSDCascadeROIHeads(CascadeROIHeads):
         prev_boxes = None
         for k in range(self.num_cascade_stages):
             if k > 0:
+                if self.training and self.resample_stages:  # GT rows leave, GT re-appended
+                    prev_boxes = [b[~p.is_gt] for b, p in zip(prev_boxes, proposals)]
                 proposals = self._create_proposals_from_boxes(prev_boxes, image_sizes)
                 if self.training:
-                    proposals = self._match_and_label_boxes(proposals, k, targets)
+                    if self.resample_stages:
+                        proposals = self._label_and_sample_stage(proposals, targets, k)
+                    else:
+                        proposals = self._match_and_label_boxes(proposals, k, targets)
             predictions, sibling = self._run_stage(features, proposals, k)
             if k + 1 < self.num_cascade_stages:
                 prev_boxes = self._refine(predictions, proposals, k)
