@@ -216,6 +216,30 @@ def test_group_norm_validation():
         build_res2net(norm="LN")
 
 
+@pytest.mark.parametrize("backbone_at,res2net_at,frozen_stages", [
+    (3, None, ("stem", "res2", "res3")),  # MODEL.BACKBONE.FREEZE_AT, as Detectron2 recipes set it
+    (0, None, ()),
+    (0, 1, ("stem",)),  # MODEL.RES2NET.FREEZE_AT overrides it where the user sets it
+    (3, 0, ()),
+])
+def test_freeze_at_follows_backbone_key_unless_res2net_key_is_set(
+        backbone_at, res2net_at, frozen_stages):
+    cfg = cfg_with(FREEZE_AT=res2net_at, NORM="BN", BASE_WIDTH=4, STEM_OUT_CHANNELS=16,
+                   RES2_OUT_CHANNELS=32)
+    cfg.MODEL.BACKBONE.FREEZE_AT = backbone_at
+    cfg.MODEL.BACKBONE.NAME = "build_res2net_backbone"
+    model = build_backbone(cfg)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] not in frozen_stages), name
+    norms = {name.split(".")[0] for name, m in model.named_modules()
+             if isinstance(m, FrozenBatchNorm2d)}
+    assert norms == set(frozen_stages)
+    cfg.MODEL.BACKBONE.FREEZE_AT = -1
+    cfg.MODEL.RES2NET.FREEZE_AT = None
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT"):
+        build_backbone(cfg)
+
+
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_freeze_at(norm):
     cfg = cfg_with(FREEZE_AT=2, NORM=norm, BASE_WIDTH=4, STEM_OUT_CHANNELS=16, RES2_OUT_CHANNELS=32)
