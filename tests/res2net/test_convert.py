@@ -2,8 +2,10 @@
 source layout (official = timm, mmdet, maskrcnn-benchmark, torchvision) convert back exactly,
 counts match §7, bad input is reported, and converted weights reproduce an independent
 functional forward of the official network (with the spec's negative controls)."""
+import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,43 @@ def test_mmdet_detector_checkpoint_with_dcn():
     assert_same(convert_res2net_state_dict(bare)[0], d2)
 
 
+def test_dcn_offset_channels_fitting_v1_and_v2_need_a_choice(tmp_path):
+    """54 offset channels = DCNv1 x 3 groups (18 each) = DCNv2 x 2 groups (27 each): refuse to
+    guess; the flag picks. 18 / 27 channels are unambiguous."""
+    arch = dict(variant="v1b", base_width=6, scale=4, stem_out_channels=16, res2_out_channels=32,
+                deform_on_per_stage=[False, True, False, False], deform_num_groups=3)
+    d2 = random_d2_state(**arch)
+    assert d2["res3.0.convs_offset.0.weight"].shape[0] == 54
+    src = to_layout(d2, "mmdet", "v1b", fc=False)
+    with pytest.raises(ConversionError, match=r"layer2\.0\.convs\.0\.conv_offset\.weight has 54 "
+                       r"output channels: DCNv1 with 3 deformable groups or DCNv2 .* with 2"):
+        convert_res2net_state_dict(src)
+    converted, info = convert_res2net_state_dict(src, deform_modulated=False)
+    assert (info["arch"]["deform_modulated"], info["arch"]["deform_num_groups"]) == (False, 3)
+    assert_same(converted, d2)
+    with pytest.raises(ConversionError, match="not a multiple of 18"):
+        convert_res2net_state_dict(to_layout(random_d2_state(**dict(
+            arch, deform_num_groups=1, deform_modulated=True)), "mmdet", "v1b", fc=False),
+            deform_modulated=False)
+    for modulated, channels in ((False, 18), (True, 27)):
+        one = random_d2_state(**dict(arch, deform_num_groups=1, deform_modulated=modulated))
+        _, info = convert_res2net_state_dict(to_layout(one, "mmdet", "v1b", fc=False))
+        assert (info["arch"]["deform_modulated"], info["arch"]["deform_num_groups"]) == (
+            modulated, 1), channels
+    # the command line takes the flag
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_res2net.py"
+    spec = spec_from_file_location("convert_res2net_cli_dcn", tool)
+    cli = module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    torch.save({"state_dict": src}, tmp_path / "dcn.pth")
+    assert cli.main([str(tmp_path / "dcn.pth"), str(tmp_path / "a.pth")]) == 1
+    assert cli.main([str(tmp_path / "dcn.pth"), str(tmp_path / "b.pth"), "--dcn-v1"]) == 0
+    assert torch.load(tmp_path / "b.pth")["model"]["backbone.bottom_up.res3.0.convs_offset.0.weight"].shape[0] == 54
+
+
 def test_maskrcnn_benchmark_detector_checkpoint():
     d2 = random_d2_state(variant="v1", scale=6, base_width=18)
     src = to_layout(d2, "maskrcnn_benchmark", "v1", nbt=False, fc=False)
@@ -212,6 +251,20 @@ def test_file_round_trip_cli_and_detectron2_loading(tmp_path):
     assert all(torch.equal(loaded[k], d2[k]) for k in d2)
     _, _, dst = convert_res2net_checkpoint(str(src_path), str(tmp_path / "y.pth"), prefix="")
     assert sorted(torch.load(dst)["model"]) == sorted(d2)
+
+    # .pkl means Detectron2's pickle format: DetectionCheckpointer reads it (numpy arrays)
+    _, _, pkl = convert_res2net_checkpoint(str(src_path), str(tmp_path / "z.pkl"))
+    with open(pkl, "rb") as f:
+        raw = pickle.load(f)
+    assert "__author__" in raw and all(isinstance(v, np.ndarray) for v in raw["model"].values())
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(pkl)
+    loaded = model.backbone.bottom_up.state_dict()
+    assert all(torch.equal(loaded[k], d2[k]) for k in d2)
+    # any other extension is refused (Detectron2 picks its reader by the extension)
+    with pytest.raises(ConversionError, match=r"\.pth/\.pt name .* or \.pkl"):
+        convert_res2net_checkpoint(str(src_path), str(tmp_path / "w.bin"))
+    assert not (tmp_path / "w.bin").exists()
 
 
 # ---- numerical equivalence with an independent functional forward (§1.7) -------------------
