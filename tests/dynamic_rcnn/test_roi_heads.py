@@ -237,7 +237,12 @@ def test_k_larger_than_number_of_proposals(stats):
     losses, logged = _step(head, targets, proposals=[few])
     # 3 candidates (2 proposals + GT): the IoU statistic is the smallest max-IoU (0)
     assert logged["dynamic_rcnn/iou_stat"] == 0.0
-    assert math.isfinite(logged["dynamic_rcnn/beta_stat"])
+    # beta: k = 10 > candidates -> the largest label. mmdet: positives = the first proposal and
+    # the GT (e = 0); original: all three, the background one measured against GT #0
+    gt = [10, 10, 60, 70]
+    e = [_label_magnitude(p, gt) for p in ([12, 10, 60, 72], [90, 90, 120, 120])]
+    expected = e[0] if stats == "mmdet" else max(e)
+    assert logged["dynamic_rcnn/beta_stat"] == pytest.approx(expected, abs=1e-5)
     assert all(torch.isfinite(v) for v in losses.values())
 
 
