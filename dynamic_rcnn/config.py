@@ -49,3 +49,7 @@ def add_dynamic_rcnn_config(cfg):
     # its flip with TEST.AUG.FLIP), as the authors' multi-scale test does (800/1333 + 800..1600
     # at max 2000).
     _C.TTA_ADD_TEST_SIZE = False
+    # How the TTA passes are merged: "raw" (the authors' bbox_aug: the union of every pass's raw
+    # detections, before score threshold / NMS / top-k, is filtered once) or "detections"
+    # (Detectron2's GeneralizedRCNNWithTTA: per-pass post-processed detections are merged).
+    _C.TTA_MERGE = "raw"

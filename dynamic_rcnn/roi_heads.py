@@ -162,8 +162,11 @@ class DynamicROIHeads(StandardROIHeads):
     # ------------------------------------------------------------------ statistics
     def _iou_statistic_mmdet(self, records) -> Optional[torch.Tensor]:
         """Per image: min(K_I, N_i)-th largest max-IoU of all proposals (+ appended GTs);
-        mean over the images that have GT boxes."""
-        max_ious = [m.max(dim=0).values for m, _, _ in records if m.shape[0] > 0 and m.shape[1] > 0]
+        mean over all images of the batch (an image without GT boxes contributes 0)."""
+        max_ious = [
+            m.max(dim=0).values if m.shape[0] > 0 else m.new_zeros(m.shape[1])
+            for m, _, _ in records
+        ]
         return iou_statistic_mmdet(max_ious, self.k_i)
 
     def _beta_statistic_mmdet(self, sampled: List[Instances]) -> Optional[torch.Tensor]:

@@ -51,17 +51,21 @@ def iou_statistic_mmdet(max_ious: Sequence[torch.Tensor], k_i: int) -> Optional[
 
     Args:
         max_ious: per image of the batch, shape (N_i,): max IoU of every proposal (RPN proposals
-            and appended GT boxes, before sampling) over the image's GT boxes. Images without GT
-            boxes must be left out by the caller (their IoUs carry no information).
+            and appended GT boxes, before sampling) over the image's GT boxes. An image without
+            GT boxes has all-zero max IoUs (or no entries) and contributes 0 to the mean, as in
+            MMDetection (its assigner gives such proposals max_overlaps 0).
         k_i: K_I.
 
     Returns:
-        Scalar tensor ``mean_i kth_largest(max_ious[i], min(K_I, N_i))``, or None when no image
-        has entries (nothing to record).
+        Scalar tensor ``mean_i kth_largest(max_ious[i], min(K_I, N_i))`` (0 for an image without
+        entries), or None when the batch has no images.
     """
-    per_image = [kth_largest(v, k_i) for v in max_ious if v.numel() > 0]
-    if not per_image:
+    if len(max_ious) == 0:
         return None
+    per_image = [
+        kth_largest(v, k_i).float() if v.numel() > 0 else torch.zeros((), device=v.device)
+        for v in max_ious
+    ]
     return torch.stack(per_image).float().mean()
 
 

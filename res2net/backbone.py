@@ -115,8 +115,13 @@ def build_res2net(
 
 
 def res2net_kwargs_from_config(cfg, input_shape: Optional[ShapeSpec] = None) -> dict:
-    """Map ``cfg.MODEL.RES2NET.*`` to the arguments of `build_res2net`."""
+    """Map ``cfg.MODEL.RES2NET.*`` to the arguments of `build_res2net` (the frozen stages come
+    from ``MODEL.BACKBONE.FREEZE_AT`` unless ``MODEL.RES2NET.FREEZE_AT`` is set)."""
     r = cfg.MODEL.RES2NET
+    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT if r.FREEZE_AT is None else r.FREEZE_AT
+    if not isinstance(freeze_at, int) or freeze_at < 0:
+        key = "MODEL.BACKBONE.FREEZE_AT" if r.FREEZE_AT is None else "MODEL.RES2NET.FREEZE_AT"
+        raise ValueError(f"{key} must be an integer >= 0, got {freeze_at!r}")
     # fmt: off
     return dict(
         depth               = r.DEPTH,
@@ -128,7 +133,7 @@ def res2net_kwargs_from_config(cfg, input_shape: Optional[ShapeSpec] = None) -> 
         in_channels         = input_shape.channels if input_shape is not None else 3,
         stem_out_channels   = r.STEM_OUT_CHANNELS,
         res2_out_channels   = r.RES2_OUT_CHANNELS,
-        freeze_at           = r.FREEZE_AT,
+        freeze_at           = freeze_at,
         out_features        = r.OUT_FEATURES,
         stride_in_1x1       = r.STRIDE_IN_1X1,
         res5_dilation       = r.RES5_DILATION,

@@ -31,7 +31,9 @@ def add_res2net_config(cfg):
     # Output channels of res2 (doubles per stage): 256 for the standard networks.
     _C.MODEL.RES2NET.RES2_OUT_CHANNELS = 256
     # Freeze the first N stages (1 = stem, 2 = stem + res2, ...), converting their BN to FrozenBN.
-    _C.MODEL.RES2NET.FREEZE_AT = 2
+    # None (default): follow MODEL.BACKBONE.FREEZE_AT, the key every Detectron2 recipe sets; an
+    # integer here overrides it for the Res2Net trunk only.
+    _C.MODEL.RES2NET.FREEZE_AT = None
     # Features the trunk returns (any of "stem", "res2", ..., "res5").
     _C.MODEL.RES2NET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Stride of the first block of res3..res5 in the 1x1 conv1 (True, maskrcnn-benchmark/d2-fork

@@ -16,6 +16,8 @@ Target (§4.5): ``stem.conv1[.norm]`` (v1) or ``stem.conv{1,2,3}[.norm]`` (v1b),
 backbones). ``num_batches_tracked`` and ``fc`` are dropped explicitly; every other key must map,
 every target key must be filled with the right shape (`projects_common.checkpoint`).
 """
+import os
+import pickle
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -39,6 +41,7 @@ __all__ = [
     "default_output_name",
     "detect_layout",
     "infer_architecture",
+    "output_format",
 ]
 
 LAYOUTS = ("official", "mmdet", "maskrcnn_benchmark")
@@ -139,8 +142,12 @@ def _body(state_dict, layout):
     return body, other
 
 
-def infer_architecture(body: Mapping[str, torch.Tensor], layout: str) -> dict:
+def infer_architecture(
+    body: Mapping[str, torch.Tensor], layout: str, deform_modulated: Optional[bool] = None
+) -> dict:
     """Read variant, depth, base width, scale, channels and DCN settings from body keys (§4.6).
+
+    ``deform_modulated`` settles DCN checkpoints whose offset channels fit both DCNv1 and DCNv2.
 
     Returns the keyword arguments of `build_res2net` that describe the checkpoint.
     """
@@ -182,13 +189,33 @@ def infer_architecture(body: Mapping[str, torch.Tensor], layout: str) -> dict:
     )
     if any(deform):
         stage = deform.index(True) + 1
-        off = next(v for k, v in body.items()
-                   if re.match(rf"^layer{stage}\.\d+\.convs\.\d+\.conv_offset\.weight$", k))
-        for per_group, modulated in ((27, True), (18, False)):
-            if off.shape[0] % per_group == 0:
-                arch.update(deform_modulated=modulated, deform_num_groups=off.shape[0] // per_group)
-                break
+        name, off = next((k, v) for k, v in body.items()
+                         if re.match(rf"^layer{stage}\.\d+\.convs\.\d+\.conv_offset\.weight$", k))
+        arch.update(_deform_settings(name, off.shape[0], deform_modulated))
     return arch
+
+
+def _deform_settings(name: str, channels: int, modulated: Optional[bool]) -> dict:
+    """DCN version and group count from the offset conv's output channels (spec §5.5): DCNv1
+    has 18 per deformable group (x, y per tap), DCNv2 27 (plus a mask per tap). Counts divisible
+    by both (54, 108, ...) are ambiguous (54 = DCNv1 x 3 groups = DCNv2 x 2 groups): then the
+    caller must say which (``deform_modulated``)."""
+    fits = {m: channels % per == 0 for m, per in ((True, 27), (False, 18))}
+    if modulated is None:
+        if fits[True] and fits[False]:
+            raise ConversionError(
+                f"{name} has {channels} output channels: DCNv1 with {channels // 18} deformable "
+                f"groups or DCNv2 (modulated) with {channels // 27}; the checkpoint does not say "
+                "which. Pass deform_modulated=True/False (--dcn-v2 / --dcn-v1)"
+            )
+        modulated = fits[True]
+    if not fits[modulated]:
+        per = 27 if modulated else 18
+        raise ConversionError(
+            f"{name} has {channels} output channels, not a multiple of {per} "
+            f"({'DCNv2' if modulated else 'DCNv1'}: {per} per deformable group)"
+        )
+    return dict(deform_modulated=modulated, deform_num_groups=channels // (27 if modulated else 18))
 
 
 def default_output_name(arch: dict) -> str:
@@ -206,6 +233,7 @@ def convert_res2net_state_dict(
     prefix: str = "backbone.bottom_up.",
     keep_fc: bool = False,
     drop_non_backbone: bool = False,
+    deform_modulated: Optional[bool] = None,
 ) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Convert an upstream state dict; return ``(converted, info)``.
 
@@ -218,6 +246,9 @@ def convert_res2net_state_dict(
             dropping it.
         drop_non_backbone: drop (and count) the neck/head keys of a whole-detector checkpoint;
             otherwise they are reported as unknown keys.
+        deform_modulated: for DCN checkpoints, True = DCNv2 (27 offset channels per group),
+            False = DCNv1 (18); None reads it from the channel count and refuses counts that
+            fit both (54 = 3 DCNv1 groups = 2 DCNv2 groups).
 
     ``info`` holds the detected ``layout``, the architecture (`infer_architecture`), the list of
     ``dropped`` keys and the number of converted backbone tensors.
@@ -234,7 +265,7 @@ def convert_res2net_state_dict(
             f"{len(other)} unknown source key(s) outside the {layout} backbone body "
             f"(pass drop_non_backbone / --drop-non-backbone to drop them): " + ", ".join(other)
         )
-    arch = infer_architecture(body, layout)
+    arch = infer_architecture(body, layout, deform_modulated)
     variant = arch["variant"]
     if (layout, variant) not in _STEM_RULES:
         raise ConversionError(f"{layout} checkpoints with a {variant} stem are not a known layout")
@@ -280,14 +311,37 @@ def convert_res2net_checkpoint(
 ) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     """Read ``src`` (.pth/.pkl; ``module.``, ``state_dict``, ``model`` wrappers tolerated),
     convert it with `convert_res2net_state_dict` (``kwargs``) and write ``dst`` (default: the
-    configs' file name `default_output_name` next to ``src``) as ``{"model": ...}``.
+    configs' file name `default_output_name` next to ``src``) as ``{"model": ...}``: a torch file
+    for ``.pth``/``.pt``, a Detectron2 pickle (numpy arrays) for ``.pkl``; other names are refused.
 
     Returns ``(converted, info, dst)``.
     """
-    import os
-
+    if dst is not None:
+        output_format(dst)  # refuse an unknown extension before the work
     converted, info = convert_res2net_state_dict(load_upstream_state_dict(src), **kwargs)
     if dst is None:
         dst = os.path.join(os.path.dirname(os.path.abspath(src)), default_output_name(info["arch"]))
-    save_converted_checkpoint(converted, dst, author=f"res2net converter ({info['layout']}: {src})")
+    author = f"res2net converter ({info['layout']}: {os.path.basename(src)})"
+    if output_format(dst) == "pkl":
+        # Detectron2's pickle format: numpy arrays under "model"; "__author__" marks it as a
+        # Detectron2 file (not a Caffe2 one), keys are exact (no matching heuristics).
+        with open(dst, "wb") as f:
+            pickle.dump({"model": {k: v.cpu().numpy() for k, v in converted.items()},
+                         "__author__": author, "matching_heuristics": False}, f)
+    else:
+        save_converted_checkpoint(converted, dst, author=author)
     return converted, info, dst
+
+
+def output_format(dst: str) -> str:
+    """"pth" for ``.pth``/``.pt`` (torch file), "pkl" for ``.pkl`` (Detectron2 pickle); any other
+    extension is refused, since `DetectionCheckpointer` picks the reader by extension."""
+    ext = os.path.splitext(dst)[1].lower()
+    if ext in (".pth", ".pt"):
+        return "pth"
+    if ext == ".pkl":
+        return "pkl"
+    raise ConversionError(
+        f"output file {dst!r}: use a .pth/.pt name (torch file) or .pkl (Detectron2 pickle); "
+        "Detectron2 reads a file by its extension"
+    )

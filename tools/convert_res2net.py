@@ -21,8 +21,8 @@ def main(argv=None):
     )
     parser.add_argument("src", help="upstream checkpoint (.pth)")
     parser.add_argument("dst", nargs="?", default=None,
-                        help="output file (default: the configs' name, e.g. "
-                             "res2net50_v1b_26w_4s_d2.pth, next to src)")
+                        help="output file: .pth/.pt (torch) or .pkl (Detectron2 pickle); default: "
+                             "the configs' name, e.g. res2net50_v1b_26w_4s_d2.pth, next to src")
     parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     parser.add_argument("--prefix", default="backbone.bottom_up.",
                         help="key prefix: 'backbone.bottom_up.' for the FPN backbones (default), "
@@ -31,11 +31,17 @@ def main(argv=None):
                         help="keep the ImageNet classifier as 'linear.*' instead of dropping it")
     parser.add_argument("--drop-non-backbone", action="store_true",
                         help="drop the neck/head keys of a whole-detector checkpoint")
+    dcn = parser.add_mutually_exclusive_group()
+    dcn.add_argument("--dcn-v1", dest="deform_modulated", action="store_false", default=None,
+                     help="DCN offset convs are DCNv1 (18 channels per deformable group)")
+    dcn.add_argument("--dcn-v2", dest="deform_modulated", action="store_true",
+                     help="DCN offset convs are DCNv2/modulated (27 channels per group)")
+    parser.set_defaults(deform_modulated=None)  # read it from the channel count
     args = parser.parse_args(argv)
     try:
         converted, info, dst = convert_res2net_checkpoint(
             args.src, args.dst, layout=args.layout, prefix=args.prefix, keep_fc=args.keep_fc,
-            drop_non_backbone=args.drop_non_backbone,
+            drop_non_backbone=args.drop_non_backbone, deform_modulated=args.deform_modulated,
         )
     except ConversionError as e:
         print(f"error: {args.src}: {e}", file=sys.stderr)

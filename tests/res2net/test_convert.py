@@ -2,8 +2,10 @@
 source layout (official = timm, mmdet, maskrcnn-benchmark, torchvision) convert back exactly,
 counts match §7, bad input is reported, and converted weights reproduce an independent
 functional forward of the official network (with the spec's negative controls)."""
+import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +136,43 @@ def test_mmdet_detector_checkpoint_with_dcn():
     assert_same(convert_res2net_state_dict(bare)[0], d2)
 
 
+def test_dcn_offset_channels_fitting_v1_and_v2_need_a_choice(tmp_path):
+    """54 offset channels = DCNv1 x 3 groups (18 each) = DCNv2 x 2 groups (27 each): refuse to
+    guess; the flag picks. 18 / 27 channels are unambiguous."""
+    arch = dict(variant="v1b", base_width=6, scale=4, stem_out_channels=16, res2_out_channels=32,
+                deform_on_per_stage=[False, True, False, False], deform_num_groups=3)
+    d2 = random_d2_state(**arch)
+    assert d2["res3.0.convs_offset.0.weight"].shape[0] == 54
+    src = to_layout(d2, "mmdet", "v1b", fc=False)
+    with pytest.raises(ConversionError, match=r"layer2\.0\.convs\.0\.conv_offset\.weight has 54 "
+                       r"output channels: DCNv1 with 3 deformable groups or DCNv2 .* with 2"):
+        convert_res2net_state_dict(src)
+    converted, info = convert_res2net_state_dict(src, deform_modulated=False)
+    assert (info["arch"]["deform_modulated"], info["arch"]["deform_num_groups"]) == (False, 3)
+    assert_same(converted, d2)
+    with pytest.raises(ConversionError, match="not a multiple of 18"):
+        convert_res2net_state_dict(to_layout(random_d2_state(**dict(
+            arch, deform_num_groups=1, deform_modulated=True)), "mmdet", "v1b", fc=False),
+            deform_modulated=False)
+    for modulated, channels in ((False, 18), (True, 27)):
+        one = random_d2_state(**dict(arch, deform_num_groups=1, deform_modulated=modulated))
+        _, info = convert_res2net_state_dict(to_layout(one, "mmdet", "v1b", fc=False))
+        assert (info["arch"]["deform_modulated"], info["arch"]["deform_num_groups"]) == (
+            modulated, 1), channels
+    # the command line takes the flag
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_res2net.py"
+    spec = spec_from_file_location("convert_res2net_cli_dcn", tool)
+    cli = module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    torch.save({"state_dict": src}, tmp_path / "dcn.pth")
+    assert cli.main([str(tmp_path / "dcn.pth"), str(tmp_path / "a.pth")]) == 1
+    assert cli.main([str(tmp_path / "dcn.pth"), str(tmp_path / "b.pth"), "--dcn-v1"]) == 0
+    assert torch.load(tmp_path / "b.pth")["model"]["backbone.bottom_up.res3.0.convs_offset.0.weight"].shape[0] == 54
+
+
 def test_maskrcnn_benchmark_detector_checkpoint():
     d2 = random_d2_state(variant="v1", scale=6, base_width=18)
     src = to_layout(d2, "maskrcnn_benchmark", "v1", nbt=False, fc=False)
@@ -213,13 +252,56 @@ def test_file_round_trip_cli_and_detectron2_loading(tmp_path):
     _, _, dst = convert_res2net_checkpoint(str(src_path), str(tmp_path / "y.pth"), prefix="")
     assert sorted(torch.load(dst)["model"]) == sorted(d2)
 
+    # .pkl means Detectron2's pickle format: DetectionCheckpointer reads it (numpy arrays)
+    _, _, pkl = convert_res2net_checkpoint(str(src_path), str(tmp_path / "z.pkl"))
+    with open(pkl, "rb") as f:
+        raw = pickle.load(f)
+    assert "__author__" in raw and all(isinstance(v, np.ndarray) for v in raw["model"].values())
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(pkl)
+    loaded = model.backbone.bottom_up.state_dict()
+    assert all(torch.equal(loaded[k], d2[k]) for k in d2)
+    # any other extension is refused (Detectron2 picks its reader by the extension)
+    with pytest.raises(ConversionError, match=r"\.pth/\.pt name .* or \.pkl"):
+        convert_res2net_checkpoint(str(src_path), str(tmp_path / "w.bin"))
+    assert not (tmp_path / "w.bin").exists()
+
 
 # ---- numerical equivalence with an independent functional forward (§1.7) -------------------
-def reference_forward(sd, variant, x, *, bypass_first=False, count_include_pad=True):
+def reference_deform_conv(x, offset, weight, *, stride, mask=None):
+    """3x3 deformable conv (padding 1) from its definition (Dai et al. 2017, Eq. 2; Zhu et al.
+    2019, Eq. 1): y(p0) = sum_k w_k x(p0 + p_k + dp_k) m_k, x sampled bilinearly with zeros
+    outside. Offset channels per deformable group g: (dy_k, dx_k) for taps k = 0..8 (row-major),
+    at 18 g + 2 k and 18 g + 2 k + 1; masks at 9 g + k."""
+    n, c, h, w = x.shape
+    groups = offset.shape[1] // 18
+    ho, wo = offset.shape[2:]
+    out = 0
+    for k in range(9):
+        ky, kx = divmod(k, 3)
+        sampled = []
+        for g in range(groups):
+            dy, dx = offset[:, 18 * g + 2 * k], offset[:, 18 * g + 2 * k + 1]
+            py = (torch.arange(ho) * stride - 1 + ky).view(1, ho, 1) + dy
+            px = (torch.arange(wo) * stride - 1 + kx).view(1, 1, wo) + dx
+            grid = torch.stack([2 * px / (w - 1) - 1, 2 * py / (h - 1) - 1], dim=-1)
+            part = x[:, g * c // groups:(g + 1) * c // groups]
+            v = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            if mask is not None:
+                v = v * mask[:, 9 * g + k].unsqueeze(1)
+            sampled.append(v)
+        out = out + torch.einsum("nchw,oc->nohw", torch.cat(sampled, 1), weight[:, :, ky, kx])
+    return out
+
+
+def reference_forward(sd, variant, x, *, bypass_first=False, count_include_pad=True,
+                      modulated=False):
     """The official network written directly from spec §1.2-§1.4 on official-layout keys.
 
     Returns {"res2".."res5": features}. ``bypass_first``/``count_include_pad`` are the spec's
-    negative controls (paper's split order; timm's FIXME pool padding).
+    negative controls (paper's split order; timm's FIXME pool padding). A K_i with an offset
+    conv (``convs.{i}.conv_offset``, mmdet naming) is deformable (spec §5.5): its offsets (and
+    with ``modulated`` the sigmoid masks after them) are a 3x3 conv of K_i's input.
     """
     def bn(t, p):
         return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"],
@@ -245,7 +327,16 @@ def reference_forward(sd, variant, x, *, bypass_first=False, count_include_pad=T
             ys = []
             for i, s in enumerate(splits):
                 inp = s if (i == 0 or first) else s + ys[-1]
-                ys.append(F.relu(bn(F.conv2d(inp, sd[p + f"convs.{i}.weight"], stride=t, padding=1), p + f"bns.{i}")))
+                off_key = p + f"convs.{i}.conv_offset."
+                if off_key + "weight" in sd:
+                    off = F.conv2d(inp, sd[off_key + "weight"], sd[off_key + "bias"], stride=t, padding=1)
+                    n_off = off.shape[1] // 27 * 18 if modulated else off.shape[1]
+                    mask = off[:, n_off:].sigmoid() if modulated else None
+                    conv = reference_deform_conv(inp, off[:, :n_off], sd[p + f"convs.{i}.weight"],
+                                                 stride=t, mask=mask)
+                else:
+                    conv = F.conv2d(inp, sd[p + f"convs.{i}.weight"], stride=t, padding=1)
+                ys.append(F.relu(bn(conv, p + f"bns.{i}")))
             if first:
                 bypass = F.avg_pool2d(bypass, 3, t, 1, count_include_pad=count_include_pad)
             ys = [bypass] + ys if bypass_first else ys + [bypass]
@@ -284,6 +375,58 @@ def test_converted_weights_match_official_forward(variant, shape, arch):
         got, ref = model(x), reference_forward(src, variant, x)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max().item())
+
+
+@pytest.mark.parametrize("variant,stages,modulated,groups", [
+    ("v1", [False, True, True, True], False, 1),  # DCNv1 (the MMDet v1 port's setting)
+    ("v1b", [True, True, False, True], True, 2),  # DCNv2, 2 offset groups, res2 too
+])
+def test_deformable_backbone_from_config_matches_reference_with_nonzero_offsets(
+        variant, stages, modulated, groups):
+    """Backbone built from MODEL.RES2NET.DEFORM_* with nonzero, fractional offsets (random offset
+    conv biases, small random weights) equals the definition of deformable convolution applied
+    to each K_i. Reading the offsets in (dx, dy) order, dropping the mask or mixing up the
+    offset groups changes the output far beyond the tolerance."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from res2net import add_res2net_config
+
+    arch = dict(variant=variant, base_width=4, scale=4, stem_out_channels=16,
+                res2_out_channels=32, deform_on_per_stage=stages, deform_modulated=modulated,
+                deform_num_groups=groups)
+    d2 = random_d2_state(**arch)
+    g = torch.Generator().manual_seed(6)
+    for k in d2:  # offsets of a few pixels (fractional), varying over the image
+        if "convs_offset" in k:
+            d2[k] = (d2[k] * 1e-3 if k.endswith("weight")
+                     else torch.randn(d2[k].shape, generator=g))
+    assert d2["res3.0.convs_offset.0.bias"].shape[0] == (27 if modulated else 18) * groups
+    cfg = get_cfg()
+    add_res2net_config(cfg)
+    cfg.merge_from_list([
+        "MODEL.RES2NET.VARIANT", variant, "MODEL.RES2NET.BASE_WIDTH", 4,
+        "MODEL.RES2NET.STEM_OUT_CHANNELS", 16, "MODEL.RES2NET.RES2_OUT_CHANNELS", 32,
+        "MODEL.RES2NET.NORM", "FrozenBN", "MODEL.RES2NET.DEFORM_ON_PER_STAGE", stages,
+        "MODEL.RES2NET.DEFORM_MODULATED", modulated, "MODEL.RES2NET.DEFORM_NUM_GROUPS", groups])
+    cfg.MODEL.BACKBONE.NAME = "build_res2net_fpn_backbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 8
+    model = build_backbone(cfg).eval()
+    model.bottom_up.load_state_dict(d2, strict=True)
+    torch.manual_seed(5)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        got = model.bottom_up(x)
+        fpn = model(x)
+    ref = reference_forward(to_layout(d2, "official", variant), variant, x, modulated=modulated)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max().item())
+    assert {k: tuple(v.shape[2:]) for k, v in fpn.items()} == {
+        "p2": (16, 24), "p3": (8, 12), "p4": (4, 6), "p5": (2, 3), "p6": (1, 2)}
+    # the offsets matter: the same weights without deformation give a different res5
+    plain = {k: v for k, v in to_layout(d2, "official", variant).items() if "conv_offset" not in k}
+    assert rel_err(reference_forward(plain, variant, x)["res5"], ref["res5"]) > 1e-2
 
 
 def test_negative_controls_are_detected():

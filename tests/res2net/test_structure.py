@@ -216,6 +216,30 @@ def test_group_norm_validation():
         build_res2net(norm="LN")
 
 
+@pytest.mark.parametrize("backbone_at,res2net_at,frozen_stages", [
+    (3, None, ("stem", "res2", "res3")),  # MODEL.BACKBONE.FREEZE_AT, as Detectron2 recipes set it
+    (0, None, ()),
+    (0, 1, ("stem",)),  # MODEL.RES2NET.FREEZE_AT overrides it where the user sets it
+    (3, 0, ()),
+])
+def test_freeze_at_follows_backbone_key_unless_res2net_key_is_set(
+        backbone_at, res2net_at, frozen_stages):
+    cfg = cfg_with(FREEZE_AT=res2net_at, NORM="BN", BASE_WIDTH=4, STEM_OUT_CHANNELS=16,
+                   RES2_OUT_CHANNELS=32)
+    cfg.MODEL.BACKBONE.FREEZE_AT = backbone_at
+    cfg.MODEL.BACKBONE.NAME = "build_res2net_backbone"
+    model = build_backbone(cfg)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] not in frozen_stages), name
+    norms = {name.split(".")[0] for name, m in model.named_modules()
+             if isinstance(m, FrozenBatchNorm2d)}
+    assert norms == set(frozen_stages)
+    cfg.MODEL.BACKBONE.FREEZE_AT = -1
+    cfg.MODEL.RES2NET.FREEZE_AT = None
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT"):
+        build_backbone(cfg)
+
+
 @pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
 def test_freeze_at(norm):
     cfg = cfg_with(FREEZE_AT=2, NORM=norm, BASE_WIDTH=4, STEM_OUT_CHANNELS=16, RES2_OUT_CHANNELS=32)
@@ -293,3 +317,64 @@ def test_bad_config_values_raise():
         build_res2net(variant="v1d")
     with pytest.raises(ValueError, match="RES5_DILATION"):
         build_res2net(res5_dilation=4)
+
+
+def test_vf8_detector_trainable_parameters_from_seed_config():
+    """§7 item 8: the authors' mmdet-fork README counts trainable parameters: v1b-101 trunk
+    43,176,920 - frozen stem + res2 242,824 + FPN 3,344,384 + RPN 593,935 + box head 14,310,805
+    = 61.18M (+ mask head 2,643,537 = 63.83M). Their heads predict 81 classes (4 box deltas and
+    a mask for the background too); Detectron2's predict 80: 4 x 1025 and 257 fewer."""
+    from projects.model_zoo import get_config_file
+    from projects.testing import load_config
+
+    cfg = load_config(get_config_file("res2net/mask_rcnn_R2_101_26w4s_FPN_2x.yaml"), [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RES2NET.VARIANT", "v1b",
+        "MODEL.RES2NET.NORM", "BN"])  # mmdet: trainable BN affine outside the frozen stages
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RES2NET.FREEZE_AT is None
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    with torch.device("meta"):  # shapes only
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+
+    def trainable(module):
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    faster = 43_176_920 - 242_824 + 3_344_384 + 593_935 + 14_310_805 - 4 * 1025
+    assert trainable(model) - trainable(model.roi_heads.mask_head) == faster  # 61,179,120
+    assert trainable(model) == faster + 2_643_537 - 257  # 63,822,400
+    assert round(faster / 1e6, 2) == 61.18
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_R2_50_26w4s_FPN_2x.yaml",
+                                  "faster_rcnn_R2_101_26w4s_FPN_2x.yaml"])
+def test_seed_configs_use_the_authors_head_settings(name):
+    """maskrcnn-benchmark heads: legacy (not pixel-aligned) ROIAlign with sampling ratio 2,
+    RPN SmoothL1 beta 1/9, box SmoothL1 beta 1. Hand-computed on a ramp feature f(x) = x:
+    box (0, 0, 56, 56) pools from p2 (stride 4) the 14 x 14 region in 7 bins of 2 px; the two
+    samples of bin j sit at 2j + 0.5 and 2j + 1.5, so the bin averages 2j + 1 (an aligned
+    ROIAlign shifts by -0.5: 2j + 0.5). Box loss of one RoI with residual 0.5: SmoothL1(0.5; 1)
+    = 0.125 (L1, Detectron2's default, would give 0.5)."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes
+
+    from projects.model_zoo import get_config_file
+    from projects.testing import TINY_RCNN_OPTS, load_config
+
+    cfg = load_config(get_config_file(f"res2net/{name}"), TINY_RCNN_OPTS + [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RES2NET.DEPTH", 50,
+        "MODEL.RES2NET.BASE_WIDTH", 4, "MODEL.RES2NET.STEM_OUT_CHANNELS", 16,
+        "MODEL.RES2NET.RES2_OUT_CHANNELS", 32, "MODEL.FPN.OUT_CHANNELS", 8,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 16])
+    model = build_model(cfg).eval()
+    ramp = torch.arange(32.0).repeat(1, 8, 32, 1)  # (1, 8, 32, 32), value = x
+    feats = [ramp, torch.zeros(1, 8, 16, 16), torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 4, 4)]
+    pooled = model.roi_heads.box_pooler(feats, [Boxes(torch.tensor([[0.0, 0.0, 56.0, 56.0]]))])
+    expected = torch.tensor([2.0 * j + 1 for j in range(7)]).expand(1, 8, 7, 7)
+    torch.testing.assert_close(pooled, expected)
+    rpn = model.proposal_generator
+    assert (rpn.box_reg_loss_type, rpn.smooth_l1_beta) == ("smooth_l1", pytest.approx(1 / 9))
+    predictor = model.roi_heads.box_predictor
+    box = torch.tensor([[10.0, 10.0, 50.0, 60.0]])
+    pred = torch.zeros(1, 4 * cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    pred[0, 0] = 0.5
+    assert float(predictor.box_reg_loss(box, box, pred, torch.tensor([0]))) == pytest.approx(0.125)
