@@ -3,6 +3,7 @@ subprocess is SIGKILLed mid-run (between two checkpoints, or while writing one),
 `--resume`, and its `model_final.pth` (weights, every method's state buffers, optimizer state)
 must equal, bit for bit, the one of an uninterrupted run of the same command."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -60,15 +61,20 @@ def _train_in_process(argv):
     main(argument_parser().parse_args(argv))
 
 
+def _run_script(script, argv, returncode, **env):
+    """``python script argv`` in its own process group; ``env`` may hold the kill settings of
+    ``_kill/sitecustomize.py`` (KILL_AFTER_ITER, KILL_DURING_SAVE)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([KILL_DIR, repo_root()]),
+               OMP_NUM_THREADS=str(torch.get_num_threads()), **env)
+    proc = subprocess.run([sys.executable, script, *argv], env=env, cwd=repo_root(),
+                          capture_output=True, text=True, start_new_session=True, timeout=900)
+    assert proc.returncode == returncode, proc.stderr[-4000:]  # -9: killed, not failed
+    return proc
+
+
 def _train_killed(argv, **kill):
     """`train_net.py argv` in a subprocess that SIGKILLs its process group as ``kill`` says."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([KILL_DIR, repo_root()]),
-               OMP_NUM_THREADS=str(torch.get_num_threads()), **kill)
-    proc = subprocess.run([sys.executable, os.path.join(repo_root(), "train_net.py"), *argv],
-                          env=env, cwd=repo_root(), capture_output=True, text=True,
-                          start_new_session=True, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-4000:]  # killed, not failed or finished
-    return proc
+    return _run_script(os.path.join(repo_root(), "train_net.py"), argv, -9, **kill)
 
 
 def _final(out):
@@ -115,33 +121,82 @@ def test_kill_9_then_resume_equals_uninterrupted_run(family, tmp_path):
             assert state[name] != at_kill["model"][f"roi_heads.dynamic_state.{name}"], name
 
 
-def test_loader_workers_resume_exactly(tmp_path):
+QUICKSTART_NAME = "quickstart/mask_rcnn_R_18_FPN_shapes.yaml"
+
+
+@pytest.fixture(scope="module")
+def quickstart_reference(tmp_path_factory):
+    """`model_final.pth` of the uninterrupted quickstart run (loader in the main process)."""
+    out = tmp_path_factory.mktemp("quickstart_reference")
+    _train_in_process(_args(QUICKSTART_NAME, RCNN, out))
+    return _final(out)
+
+
+def test_loader_workers_resume_exactly(tmp_path, quickstart_reference):
     """With a loader worker process (its own random state, prefetching) the stream continues
     where it stopped too; the run is also identical to the one mapping in the main process."""
     opts = RCNN + ["DATALOADER.NUM_WORKERS", 1]
-    config = "quickstart/mask_rcnn_R_18_FPN_shapes.yaml"
-    _train_in_process(_args(config, RCNN + ["DATALOADER.NUM_WORKERS", 0], tmp_path / "reference"))
     run = tmp_path / "run"
-    _train_killed(_args(config, opts, run), KILL_AFTER_ITER=str(KILL_AFTER))
-    _train_in_process(_args(config, opts, run, "--resume"))
-    _assert_identical(_final(run), _final(tmp_path / "reference"))
+    _train_killed(_args(QUICKSTART_NAME, opts, run), KILL_AFTER_ITER=str(KILL_AFTER))
+    _train_in_process(_args(QUICKSTART_NAME, opts, run, "--resume"))
+    _assert_identical(_final(run), quickstart_reference)
 
 
 @pytest.mark.parametrize("victim", ["model_final", "model_0000007"])
-def test_kill_while_writing_a_checkpoint(victim, tmp_path):
+def test_kill_while_writing_a_checkpoint(victim, tmp_path, quickstart_reference):
     """Killed half-way through writing a checkpoint: no truncated file under the final name,
     `last_checkpoint` names a complete file, and `--resume` ends with a loadable
     `model_final.pth` equal to the uninterrupted run's."""
-    config, opts = "quickstart/mask_rcnn_R_18_FPN_shapes.yaml", RCNN
-    _train_in_process(_args(config, opts, tmp_path / "reference"))
     run = tmp_path / "run"
-    _train_killed(_args(config, opts, run), KILL_DURING_SAVE=victim)
+    _train_killed(_args(QUICKSTART_NAME, RCNN, run), KILL_DURING_SAVE=victim)
     assert not (run / f"{victim}.pth").exists()
     named = (run / "last_checkpoint").read_text()
     torch.load(run / named, weights_only=True)  # complete
     leftovers = [f for f in os.listdir(run) if f.endswith(".tmp")]
     assert len(leftovers) == 1  # the half-written temporary file
 
-    _train_in_process(_args(config, opts, run, "--resume"))
+    _train_in_process(_args(QUICKSTART_NAME, RCNN, run, "--resume"))
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
-    _assert_identical(_final(run), _final(tmp_path / "reference"))
+    _assert_identical(_final(run), quickstart_reference)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_resume_exactly(tmp_path):
+    """Two CPU processes (gloo): each rank restores its own random states and data stream.
+    Through `train_net.py --num-gpus 2` where Detectron2's launch supports CPU workers (main);
+    with Detectron2 v0.6, `train_net.py` refuses clearly and the same `Trainer` runs on two
+    gloo processes started by the test's launcher."""
+    from projects.engine import train as train_module
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --num-gpus would use NCCL on GPUs")
+    config = QUICKSTART_NAME
+    if train_module._launch_supports_cpu_workers():
+        script = os.path.join(repo_root(), "train_net.py")
+
+        def argv(out, *flags):
+            return ["--num-gpus", "2", *_args(config, RCNN, out, *flags)]
+    else:
+        with pytest.raises(SystemExit, match="--num-gpus 2 without CUDA.*Detectron2 main"):
+            train_module.run(argument_parser().parse_args(
+                ["--config-file", QUICKSTART, "--num-gpus", "2"]))
+        script = os.path.join(KILL_DIR, "gloo_train.py")
+
+        def argv(out, *flags):
+            full = _args(config, RCNN, out)
+            return [str(_free_port()), *flags, full[1], *full[2:]]
+
+    _run_script(script, argv(tmp_path / "reference"), 0)
+    run = tmp_path / "run"
+    _run_script(script, argv(run), -9, KILL_AFTER_ITER=str(KILL_AFTER))
+    assert not (run / "model_final.pth").exists()
+    _run_script(script, argv(run, "--resume"), 0)
+    resumed, reference = _final(run), _final(tmp_path / "reference")
+    _assert_identical(resumed, reference)
+    states = resumed["trainer"]["random_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
