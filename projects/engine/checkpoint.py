@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Mapping
 from typing import Optional
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -134,10 +135,17 @@ class VerifiedCheckpointer(DetectionCheckpointer):
     def verify(self, path: str, keep: bool = False) -> Optional[str]:
         """Read ``path`` completely; return None if it is a usable checkpoint, else the reason.
         With ``keep``, the next `load` of ``path`` uses what was read."""
+        # Detectron2 main's _load_file reads the URL that load() parsed (and asserts it is set)
+        outside_load = getattr(self, "_parsed_url_during_load", False) is None
+        if outside_load:
+            self._parsed_url_during_load = urlparse(path)
         try:
             data = self._load_file(path)
         except (CheckpointError, OSError) as e:
             return str(e)
+        finally:
+            if outside_load:
+                self._parsed_url_during_load = None
         if keep:
             self._verified = (path, data)
         return None

@@ -200,3 +200,41 @@ def test_two_processes_resume_exactly(tmp_path):
     _assert_identical(resumed, reference)
     states = resumed["trainer"]["random_states"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def test_evaluation_during_training_leaves_the_random_states(tmp_path):
+    """`Trainer.test` (the EvalHook's evaluation, after a checkpoint was written) must not
+    consume the training random streams, or the run after an evaluation would differ from the
+    run resumed from that checkpoint. (Building the test loader draws from torch's generator.)"""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import DatasetEvaluator
+
+    from projects.engine import Trainer
+    from projects.engine.random_state import capture_random_states
+
+    name = "shapes_val_first4_resume_test"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: DatasetCatalog.get("shapes_val")[:4])
+        MetadataCatalog.get(name).set(
+            thing_classes=MetadataCatalog.get("shapes_val").thing_classes)
+
+    class Count(DatasetEvaluator):
+        def reset(self):
+            self.n = 0
+
+        def process(self, inputs, outputs):
+            self.n += len(inputs)
+
+        def evaluate(self):
+            return {"images": {"n": self.n}}
+
+    cfg = projects.load_config(QUICKSTART, RCNN + ["DATASETS.TEST", (name,)])
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg)
+    before = capture_random_states()
+    results = Trainer.test(cfg, model, [Count()])
+    after = capture_random_states()
+    assert results["images"]["n"] == 4
+    assert torch.equal(before["torch"], after["torch"])
+    assert before["numpy"]["keys"].equal(after["numpy"]["keys"])
+    assert before["python"] == after["python"]
