@@ -10,7 +10,8 @@ S_I and (when there were positives) one beta statistic to S_E; every C iteration
 and both windows are cleared; the new values apply from the next iteration on.
 
 Everything is kept in buffers of this module, so `DetectionCheckpointer` saves it and a resumed
-run continues exactly (spec VF-23). To make that hold for every process of a distributed run
+run continues exactly. A checkpoint of another world size or update period is fitted by
+`DynamicTrainingState.fit_checkpoint_state` (the rule is in its docstring). To make that hold for every process of a distributed run
 (the checkpoint is written by rank 0 only), every process keeps the state of *all* ranks: the
 per-iteration statistics are all-gathered (a 4-number message per iteration), each rank's row
 is updated with that rank's own statistics (``sync=False``, as in every reference code base) or
@@ -154,6 +155,12 @@ class DynamicTrainingState(nn.Module):
             (self.beta_window, self.beta_count, rows[:, 2], rows[:, 3] > 0),
         ):
             ranks = present.nonzero()[:, 0].to(window.device)
+            if ranks.numel() and bool((count[ranks] >= window.shape[1]).any()):
+                raise RuntimeError(
+                    f"Dynamic R-CNN window overflow at iteration {int(self.iteration)}: "
+                    f"{window.shape[1]} entries since the last update (UPDATE_ITERS="
+                    f"{self.update_iters}); the state is inconsistent"
+                )
             if ranks.numel():
                 window[ranks, count[ranks]] = value[present].to(window)
                 count[ranks] += 1
@@ -220,40 +227,66 @@ class DynamicTrainingState(nn.Module):
         return min(m, self.beta_cap)
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Accept a checkpoint written with another world size or update period.
+    def fit_checkpoint_state(self, state_dict, prefix: str = "") -> None:
+        """Rewrite this module's entries of a checkpoint in place to fit this run.
 
-        Same world size and C: loaded as is (exact resume). Otherwise rank r takes the saved
-        row ``r % W_saved`` and windows are truncated/zero-padded to C, with a warning.
+        The rule for a checkpoint of another world size W' or update period C':
+
+        * same W and C: nothing changes (exact resume);
+        * T_now and beta_now carry over: rank r takes saved rank ``r % W'``;
+        * the partial windows S_I, S_E (statistics since the last update) carry over the same
+          way when C is unchanged; with another C they are dropped (they were collected for
+          the old period); the next update happens when the iteration counter reaches the next
+          multiple of the new C, from the statistics recorded after the resume;
+        * the iteration counter carries over.
+
+        Called by `projects.engine.checkpoint.VerifiedCheckpointer` before Detectron2 drops
+        entries whose shape differs from the model's, and by ``load_state_dict``.
         """
+        keys = [prefix + name for name in _PER_RANK]
+        if not all(k in state_dict for k in keys):
+            return
         w, c = self.world_size, self.update_iters
-        key = prefix + "iou_thr"
-        saved_w = state_dict[key].shape[0] if key in state_dict else w
-        key = prefix + "iou_window"
-        saved_c = (
-            state_dict[key].shape[1] if key in state_dict and state_dict[key].dim() == 2 else c
+        saved_w = state_dict[prefix + "iou_thr"].shape[0]
+        saved_c = state_dict[prefix + "iou_window"].shape[1]
+        if (saved_w, saved_c) == (w, c):
+            return
+        rows = torch.arange(w) % saved_w
+        for name in _PER_RANK:
+            state_dict[prefix + name] = state_dict[prefix + name][rows].clone()
+        if saved_c != c:
+            for name in ("iou_window", "beta_window"):
+                state_dict[prefix + name] = torch.zeros((w, c), dtype=torch.float64)
+            for name in ("iou_count", "beta_count"):
+                state_dict[prefix + name] = torch.zeros((w,), dtype=torch.int64)
+        logger.warning(
+            f"Dynamic R-CNN state in the checkpoint is of {saved_w} process(es) with "
+            f"UPDATE_ITERS={saved_c}; this run has {w} and {c}: T_now and beta_now continue "
+            f"(rank r from saved rank r % {saved_w})"
+            + ("; the partial statistics windows are dropped (another update period)."
+               if saved_c != c else "; so do the partial statistics windows.")
         )
-        if saved_w != w or saved_c != c:
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """All or nothing: a checkpoint with only part of the state (e.g. Detectron2's plain
+        checkpointer dropped the entries whose shape changed with the world size) restores
+        none of it, with a warning, instead of mixing saved and initial values."""
+        names = ("iteration",) + _PER_RANK
+        present = [n for n in names if prefix + n in state_dict]
+        if present and len(present) < len(names):
+            for n in present:
+                state_dict.pop(prefix + n)
             logger.warning(
-                f"Dynamic R-CNN state in the checkpoint has world size {saved_w} and window "
-                f"{saved_c}; this run has {w} and {c}: rank r resumes from saved rank "
-                f"r % {saved_w}."
+                f"Dynamic R-CNN state ({prefix}*) is incomplete in the checkpoint (missing: "
+                f"{', '.join(n for n in names if n not in present)}): none of it is restored; "
+                "T_now, beta_now, the windows and the counter keep their initial values. "
+                "Load with projects' Trainer or VerifiedCheckpointer to restore it across "
+                "world sizes and update periods."
             )
-            rows = torch.arange(w) % saved_w
-            for name in _PER_RANK:
-                k = prefix + name
-                if k not in state_dict:
-                    continue
-                value = state_dict[k][rows]
-                if name.endswith("window"):
-                    fitted = torch.zeros((w, c), dtype=value.dtype)
-                    n = min(c, saved_c)
-                    fitted[:, :n] = value[:, :n]
-                    value = fitted
-                elif name.endswith("count"):
-                    value = value.clamp(max=c)
-                state_dict[k] = value
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.fit_checkpoint_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (

@@ -116,9 +116,18 @@ class TSDOutputLayers(FastRCNNOutputLayers):
             [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals]
         )
         src = translated.detach() if self.detach_translated_targets else translated
+        size = src[:, 2:] - src[:, :2]
+        if torch.isfinite(src).all() and (size > 0).all():
+            box_loss = self.box_reg_loss(src, gt_boxes, deltas, gt_classes)
+        else:
+            # The translation keeps the proposal's size, so a lost size means exploded offsets
+            # (training diverged; the coordinates rounded away the width). Box2BoxTransform
+            # would stop with an AssertionError: report a NaN loss instead, so the trainer
+            # stops with Detectron2's FloatingPointError naming the loss and the iteration.
+            box_loss = deltas.sum() * float("nan")
         losses = {
             "loss_tsd_cls": cross_entropy(scores, gt_classes, reduction="mean"),
-            "loss_tsd_box_reg": self.box_reg_loss(src, gt_boxes, deltas, gt_classes),
+            "loss_tsd_box_reg": box_loss,
         }
         return {k: v * self.loss_weight.get(k.replace("tsd_", ""), 1.0) for k, v in losses.items()}
 

@@ -3,13 +3,13 @@ import importlib
 import inspect
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from ..config import check_num_classes, load_config
 from ..data.user_datasets import SPEC_SYNTAX
+from .checkpoint import MIN_LOADED_FRACTION_FOR_INFERENCE, VerifiedCheckpointer
 from .trainer import Trainer
 
 __all__ = ["argument_parser", "setup", "main", "run"]
@@ -51,9 +51,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # MODEL.WEIGHTS must be a checkpoint of this model: no evaluation of random weights
+        VerifiedCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                             min_loaded_fraction=MIN_LOADED_FRACTION_FOR_INFERENCE
+                             ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
