@@ -2,10 +2,11 @@
 eager model at other sizes and aspect ratios, as TorchScript and as ONNX run in onnxruntime.
 
 One tiny model per method and config family (ResNet-18 / narrow Res2Net, 64-channel FPN, 3
-classes, random weights). The classifier biases are drawn at random so that the detections
-(and their classes) differ between images. Traced at 128x160, checked at 96x144 (wider) and
-160x112 (taller): the sizes of the FPN levels, the padded sizes and the number of candidates
-all change, so any size a trace froze shows up as shifted boxes or different masks.
+classes, random weights). The classifier weights are scaled and their biases drawn at random
+so that the detections differ between images. Traced at 128x160, checked at 96x144 (wider) and
+192x144 (taller): the sizes of the FPN levels, the padded sizes, the number of candidates and
+of detections all change, so any size a trace froze shows up as shifted boxes, different masks
+or a failing run.
 """
 import os
 
@@ -16,14 +17,21 @@ from projects.export import ExportError, export_onnx, trace, uses_soft_nms
 from projects.testing import TINY_RCNN_OPTS, TINY_RESNET_OPTS, load_config, repo_root
 
 TRACE_SIZE = (128, 160)
-OTHER_SIZES = [(96, 144), (160, 112)]
+OTHER_SIZES = [(96, 144), (192, 144)]
 
 _RES2NET = [
     "MODEL.RES2NET.NORM", "GN", "MODEL.RES2NET.GN_NUM_GROUPS", 8, "MODEL.RES2NET.BASE_WIDTH", 8,
     "MODEL.RES2NET.STEM_OUT_CHANNELS", 32, "MODEL.RES2NET.RES2_OUT_CHANNELS", 64,
 ]
 _RDSNET = ["MODEL.RDSNET.NUM_CLASSES", 3, "MODEL.RDSNET.PIXEL_CONV_DIM", 64]
+# Top-k between the P3 anchor counts at 96x144 (padded 96x160: 2160) and 128x160 (2880); a score
+# threshold and paste chunk that give a different number of detections and of mask chunks.
+_RDSNET_SIZES = ["MODEL.RDSNET.TOPK_CANDIDATES_TEST", 2500, "MODEL.RDSNET.SCORE_THRESH_TEST", 0.99,
+                 "MODEL.RDSNET.MASK_PASTE_CHUNK", 8]
 _SOFT_NMS = ["MODEL.RESNETS.STRIDE_IN_1X1", False, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.3]
+
+# fewer proposals and detections than the training tests: faster, and still dozens per image
+_FAST = ["MODEL.RPN.POST_NMS_TOPK_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 20]
 
 FAMILIES = {
     "res2net_mask_rcnn": ("res2net/mask_rcnn_R2_50_26w4s_FPN_2x.yaml", TINY_RCNN_OPTS + _RES2NET),
@@ -34,7 +42,7 @@ FAMILIES = {
     "decoupled_rcnn": ("decoupled_rcnn/decoupled_rcnn_R_50_FPN_2x.yaml", TINY_RCNN_OPTS),
     "decoupled_rcnn_soft_nms": (
         "decoupled_rcnn/decoupled_rcnn_MS_X_101_32x4d_FPN_2x.yaml", TINY_RCNN_OPTS + _SOFT_NMS),
-    "rdsnet": ("rdsnet/rdsnet_R_50_FPN_1x.yaml", _RDSNET),
+    "rdsnet": ("rdsnet/rdsnet_R_50_FPN_1x.yaml", _RDSNET + _RDSNET_SIZES),
     "rdsnet_mbrm": ("rdsnet/rdsnet_refine_R_50_FPN_1x.yaml", _RDSNET),
 }
 
@@ -43,7 +51,8 @@ def build_tiny(family):
     from detectron2.modeling import build_model
 
     config, opts = FAMILIES[family]
-    cfg = load_config(os.path.join(repo_root(), "configs", config), TINY_RESNET_OPTS + opts)
+    cfg = load_config(os.path.join(repo_root(), "configs", config),
+                      TINY_RESNET_OPTS + opts + _FAST)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
