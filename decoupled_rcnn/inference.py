@@ -43,7 +43,7 @@ def soft_nms_inference(
         quirk) and ``pred_classes``, sorted by score, at most ``topk``.
     """
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    if not valid.all():
+    if torch.jit.is_tracing() or not valid.all():  # a trace must not freeze the branch
         boxes, scores = boxes[valid], scores[valid]
     scores = scores[:, :-1]
     num_reg = boxes.shape[1] // 4
@@ -58,7 +58,14 @@ def soft_nms_inference(
     keep, new_scores = batched_soft_nms(
         cand_boxes, cand_scores, filter_inds[:, 1], iou_threshold, min_score, "linear"
     )
-    if split_thresh > 0 and cand_scores.numel() >= split_thresh:
+    if split_thresh > 0 and torch.jit.is_tracing():
+        # the quirk's condition depends on the data: a trace keeps it as a tensor (re-sorting
+        # the already sorted decayed scores is a no-op when the quirk does not apply)
+        quirk = torch.as_tensor(cand_scores.shape[0]) >= split_thresh
+        new_scores = torch.where(quirk, cand_scores[keep], new_scores)
+        order = torch.sort(new_scores, descending=True, stable=True).indices
+        keep, new_scores = keep[order], new_scores[order]
+    elif split_thresh > 0 and cand_scores.numel() >= split_thresh:
         new_scores = cand_scores[keep]
         order = torch.sort(new_scores, descending=True, stable=True).indices
         keep, new_scores = keep[order], new_scores[order]

@@ -21,7 +21,7 @@ per class and iteration, so the Python loop runs at most ``max_c(#boxes of class
 rather than ``#boxes`` times. Memory is O(C * M) for C classes of at most M boxes; finished
 classes and discarded boxes are packed away whenever they fill half of the working grid.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -88,13 +88,32 @@ def batched_soft_nms(
     _check_args(boxes, scores, method, iou_threshold, sigma)
     if idxs.shape != scores.shape:
         raise ValueError(f"idxs must have shape {tuple(scores.shape)}, got {tuple(idxs.shape)}")
+    if torch.jit.is_tracing():
+        # A trace would unroll the data-dependent loop below for the traced input only: call
+        # it as a TorchScript function instead, which the trace keeps as one (looping) call.
+        return _scripted_soft_nms_grid()(
+            boxes, scores, idxs, float(iou_threshold), float(min_score), method, float(sigma)
+        )
+    return _soft_nms_grid(boxes, scores, idxs, iou_threshold, min_score, method, sigma)
+
+
+def _soft_nms_grid(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    idxs: torch.Tensor,
+    iou_threshold: float,
+    min_score: float,
+    method: str,
+    sigma: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The algorithm of `batched_soft_nms` on checked arguments (TorchScript-compatible)."""
     device = boxes.device
     n = boxes.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), scores.new_zeros(0)
 
     # Work in the scores' precision (float32 at least).
-    dtype = scores.dtype if scores.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     boxes = boxes.to(dtype)
     # Group the boxes into a padded (C, M) layout: row = group, column = rank inside the group
     # (by input index, so that ties in the argmax below go to the lowest input index).
@@ -105,7 +124,7 @@ def batched_soft_nms(
     starts = torch.cumsum(counts, 0) - counts
     col = torch.arange(n, device=device) - starts[group_of[order]]
     row = group_of[order]
-    m = int(counts.max())
+    m = int(counts.max().item())
 
     cur = torch.full((num_groups, m), float("-inf"), dtype=dtype, device=device)
     cur[row, col] = scores[order].to(dtype)
@@ -117,9 +136,10 @@ def batched_soft_nms(
     alive = cur >= min_score
     cur = torch.where(alive, cur, torch.full_like(cur, float("-inf")))
 
-    picked_index, picked_score = [], []
+    picked_index: List[torch.Tensor] = []
+    picked_score: List[torch.Tensor] = []
     while True:
-        num_alive = int(alive.sum())
+        num_alive = int(alive.sum().item())
         if num_alive == 0:
             break
         if 2 * num_alive < alive.numel():
@@ -129,19 +149,19 @@ def batched_soft_nms(
             alive, cur = alive[rows], cur[rows]
             grid_boxes, grid_index = grid_boxes[rows], grid_index[rows]
             perm = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices
-            width = int(alive.sum(dim=1).max())
+            width = int(alive.sum(dim=1).max().item())
             perm = perm[:, :width]
             alive = torch.gather(alive, 1, perm)
             cur = torch.gather(cur, 1, perm)
             grid_index = torch.gather(grid_index, 1, perm)
-            grid_boxes = torch.gather(grid_boxes, 1, perm[..., None].expand(-1, -1, 4))
+            grid_boxes = torch.gather(grid_boxes, 1, perm.unsqueeze(2).expand(-1, -1, 4))
         rows_idx = torch.arange(alive.shape[0], device=device)
         best_score, best = cur.max(dim=1)  # first maximum = lowest input index among ties
         has = alive[rows_idx, best]
         picked_index.append(grid_index[rows_idx, best][has])
         picked_score.append(best_score[has])
-        alive[rows_idx, best] = False
-        cur[rows_idx, best] = float("-inf")
+        alive[rows_idx, best] = torch.zeros_like(has)
+        cur[rows_idx, best] = torch.full_like(best_score, float("-inf"))
 
         iou = _iou_one_to_many(grid_boxes[rows_idx, best], grid_boxes)
         if method == "linear":
@@ -150,20 +170,30 @@ def batched_soft_nms(
             weight = torch.exp(-(iou * iou) / sigma)
         else:  # naive
             weight = torch.where(iou >= iou_threshold, torch.zeros_like(iou), torch.ones_like(iou))
-        weight = torch.where(has[:, None], weight, torch.ones_like(weight))
+        weight = torch.where(has.unsqueeze(1), weight, torch.ones_like(weight))
         decayed = cur * weight
         alive = alive & (decayed >= min_score)
         cur = torch.where(alive, decayed, torch.full_like(cur, float("-inf")))
 
-    if not picked_index:
+    if len(picked_index) == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), scores.new_zeros(0)
     keep = torch.cat(picked_index)
     new_scores = torch.cat(picked_score)
     # Sort by decayed score (descending), ties by input index: two stable sorts.
     by_index = torch.argsort(keep)
     keep, new_scores = keep[by_index], new_scores[by_index]
-    by_score = torch.sort(new_scores, descending=True, stable=True).indices
+    by_score = torch.sort(new_scores, dim=0, descending=True, stable=True).indices
     return keep[by_score], new_scores[by_score].to(scores.dtype)
+
+
+_SCRIPTED = []
+
+
+def _scripted_soft_nms_grid():
+    """`_soft_nms_grid` compiled with TorchScript (once, on first use)."""
+    if not _SCRIPTED:
+        _SCRIPTED.append(torch.jit.script(_soft_nms_grid))
+    return _SCRIPTED[0]
 
 
 def soft_nms(

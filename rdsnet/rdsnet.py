@@ -36,6 +36,21 @@ __all__ = ["RDSNet"]
 
 
 
+def _topk_count(topk: int, n):
+    """min(topk, n); ``n`` is a tensor when sizes are traced (export), and stays one."""
+    if isinstance(n, torch.Tensor):
+        return torch.clamp(n, max=topk)
+    return min(topk, n)
+
+
+def _chunks(n, size: int):
+    """(start, end) slices of ``size`` rows covering ``n`` rows; one slice of all rows when
+    ``n`` is a traced tensor (a trace would freeze the number of chunks)."""
+    if isinstance(n, torch.Tensor):
+        return [(0, n)]
+    return [(start, start + size) for start in range(0, n, size)]
+
+
 def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
     """(N, A*k, H, W) -> (N, H*W*A, k): the (y, x, anchor) order of Detectron2's anchors."""
     n, _, h, w = x.shape
@@ -376,7 +391,7 @@ class RDSNet(nn.Module):
             boxes_l, scores_l, reps_l = [], [], []
             for anc, lg, dl, rp in zip(anchors, logits, deltas, reps):
                 scores = _flatten(lg[i : i + 1], self.num_classes)[0].sigmoid()
-                k = min(self.test_topk_candidates, scores.shape[0])
+                k = _topk_count(self.test_topk_candidates, scores.shape[0])
                 top = scores.max(dim=1).values.topk(k).indices
                 d = _flatten(dl[i : i + 1], 4)[0][top]
                 boxes_l.append(self.box2box_transform.apply_deltas(d, anc.tensor[top]))
@@ -432,12 +447,12 @@ class RDSNet(nn.Module):
         if pixel_reps is not None:
             masks, h_prof, v_prof = [], [], []
             fg = foreground_logit(pixel_reps, reps)  # (n, pad_h/4, pad_w/4)
-            for start in range(0, fg.shape[0], self.mask_paste_chunk):
-                chunk = fg[start : start + self.mask_paste_chunk, None]
+            for start, end in _chunks(fg.shape[0], self.mask_paste_chunk):
+                chunk = fg[start:end, None]
                 up = F.interpolate(chunk, scale_factor=4, mode="bilinear", align_corners=False)
                 up = up[:, :, : image_size[0], : image_size[1]]
                 full = F.interpolate(up, size=(out_h, out_w), mode="bilinear", align_corners=True)
-                chunk_boxes = boxes[start : start + self.mask_paste_chunk]
+                chunk_boxes = boxes[start:end]
                 inside = crop_mask(chunk_boxes, out_h, out_w, self.test_crop_pad, self.box_plus_one)
                 prob = full[:, 0].sigmoid() * inside
                 masks.append(prob > self.mask_thresh)

@@ -11,6 +11,8 @@ __all__ = ["pad_shape", "anchor_valid_flags", "gt_bitmasks_at_pad_shape", "to_in
 def pad_shape(image_size: Tuple[int, int], divisor: int) -> Tuple[int, int]:
     """(h, w) of the image -> (ceil(h / divisor) * divisor, ceil(w / divisor) * divisor)."""
     h, w = image_size
+    if isinstance(h, torch.Tensor):  # sizes traced as tensors (export): integer arithmetic
+        return (h + divisor - 1) // divisor * divisor, (w + divisor - 1) // divisor * divisor
     return int(math.ceil(h / divisor) * divisor), int(math.ceil(w / divisor) * divisor)
 
 

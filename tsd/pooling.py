@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import shapes_to_tensor
 from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.structures import Boxes
 
@@ -236,12 +237,13 @@ def multi_level_deform_roi_pool(
     N, C = features[0].shape[:2]
     dev = rois.device
     rows = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, C) for f in features], dim=0)
-    sizes = [f.shape[2] * f.shape[3] for f in features]
-    level_base = torch.tensor([0] + sizes[:-1], device=dev).cumsum(0) * N
-    level_h = torch.tensor([f.shape[2] for f in features], device=dev)
-    level_w = torch.tensor([f.shape[3] for f in features], device=dev)
-    level_s = torch.tensor(list(scales), dtype=rois.dtype, device=dev)
-    size_t = torch.tensor(sizes, device=dev)
+    # Level sizes as tensors built from the maps' shapes (`shapes_to_tensor`), not Python ints:
+    # a trace (TorchScript / ONNX export) then follows the input size instead of freezing it.
+    level_h = shapes_to_tensor([f.shape[2] for f in features], dev)
+    level_w = shapes_to_tensor([f.shape[3] for f in features], dev)
+    size_t = level_h * level_w
+    level_base = (size_t.cumsum(0) - size_t) * N  # first row of each level
+    level_s = torch.tensor(list(scales), dtype=rois.dtype, device=dev)  # constants (strides)
     batch_idx = rois[:, 0].to(torch.int64)
     row_base = level_base[levels] + batch_idx * size_t[levels]
     return _pool_from_rows(
