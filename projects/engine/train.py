@@ -8,6 +8,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from ..config import load_config
+from .ema import load_ema_from_checkpoint
 from .trainer import Trainer
 
 __all__ = ["argument_parser", "setup", "main", "run"]
@@ -31,9 +32,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.MODEL_EMA.ENABLED:  # evaluate the averaged weights saved with the checkpoint
+            load_ema_from_checkpoint(
+                model, extra,
+                checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint()
+                else cfg.MODEL.WEIGHTS)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -19,6 +19,8 @@ from projects_common.tta import build_tta_model
 from ..config import check_num_classes
 from ..data import CheckedDatasetMapper
 from ..data.builtin import prepare_dataset_files
+from .clip import build_optimizer_with_clipping
+from .ema import EMAHook, ModelEMA, ema_weights_applied, unwrap_model
 
 __all__ = ["Trainer", "compiled_coco_eval_available"]
 
@@ -37,9 +39,11 @@ class Trainer(DefaultTrainer):
 
     Differences from Detectron2's: COCO evaluation (fast evaluator only where compiled), a
     data mapper whose image errors name the file, a class-count check against the datasets,
-    test-time augmentation through `projects_common.tta`, and DDP wrapping with
+    test-time augmentation through `projects_common.tta`, DDP wrapping with
     ``device_ids=None`` for CPU models (Detectron2 passes the local rank, which DDP rejects for
-    CPU modules).
+    CPU modules), gradient clipping by the global norm (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE
+    full_model_norm``, `projects.engine.clip`) and model EMA (``MODEL_EMA``,
+    `projects.engine.ema`).
     """
 
     def __init__(self, cfg):
@@ -74,6 +78,31 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", OrderedDict())
 
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's optimizer; ``CLIP_TYPE: full_model_norm`` clips all gradients together."""
+        return build_optimizer_with_clipping(cfg, model, super().build_optimizer)
+
+    def build_hooks(self):
+        """Detectron2's hooks, plus `EMAHook` before checkpointing and evaluation when
+        ``MODEL_EMA.ENABLED`` (its average is saved in checkpoints under ``"ema"``)."""
+        ret = super().build_hooks()
+        if not self.cfg.MODEL_EMA.ENABLED:
+            return ret
+        ema_cfg = self.cfg.MODEL_EMA
+        ema = ModelEMA(unwrap_model(self.model), ema_cfg.DECAY, ema_cfg.DEVICE)
+        self.checkpointer.add_checkpointable("ema", ema)
+        first = next((i for i, h in enumerate(ret)
+                      if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))
+        ret.insert(first, EMAHook(ema, ema_cfg.START_ITER))
+        return ret
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation, on the EMA weights when ``model`` has a `ModelEMA`."""
+        with ema_weights_applied(model):
+            return super().test(cfg, model, evaluators)
+
+    @classmethod
     def build_train_loader(cls, cfg):
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
@@ -103,10 +132,10 @@ class Trainer(DefaultTrainer):
     def test_with_TTA(cls, cfg, model):
         """Evaluate ``model`` with the test-time augmentation of ``cfg.TEST.AUG``."""
         logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation")
-        tta_model = build_tta_model(cfg, model)
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
             for name in cfg.DATASETS.TEST
         ]
-        res = cls.test(cfg, tta_model, evaluators)
+        with ema_weights_applied(model):
+            res = cls.test(cfg, build_tta_model(cfg, model), evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
