@@ -22,7 +22,8 @@ import torch
 from ..config import CLIP_TYPES, FULL_MODEL_NORM, check_clip_gradients
 
 __all__ = ["FULL_MODEL_NORM", "CLIP_TYPES", "check_clip_gradients", "global_norm_clipper",
-           "with_global_norm_clipping", "add_global_norm_clipping", "build_optimizer_with_clipping"]
+           "with_global_norm_clipping", "add_global_norm_clipping", "build_optimizer_with_clipping",
+           "global_norm_clipped_sgd"]
 
 
 logger = logging.getLogger(__name__)
@@ -77,3 +78,9 @@ def build_optimizer_with_clipping(cfg, model, build_fn):
     logger.info("Clipping the global gradient norm (p=%s) of all parameters at %s",
                 clip.NORM_TYPE, clip.CLIP_VALUE)
     return add_global_norm_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+
+def global_norm_clipped_sgd(params, *, max_norm: float, norm_type: float = 2.0, **sgd_kwargs):
+    """``torch.optim.SGD(params, **sgd_kwargs)`` whose ``step`` clips the global gradient norm at
+    ``max_norm`` first (the LazyConfig form of ``CLIP_TYPE: full_model_norm``)."""
+    return with_global_norm_clipping(torch.optim.SGD, max_norm, norm_type)(params, **sgd_kwargs)

@@ -9,6 +9,7 @@ from detectron2.utils import comm
 
 from ..config import load_config
 from .ema import load_ema_from_checkpoint
+from .lazy_train import is_lazy_config, main_lazy
 from .trainer import Trainer
 
 __all__ = ["argument_parser", "setup", "main", "run"]
@@ -28,7 +29,11 @@ def setup(args):
 
 
 def main(args):
-    """Train (or, with ``--eval-only``, evaluate) one config; returns the evaluation results."""
+    """Train (or, with ``--eval-only``, evaluate) one config; returns the evaluation results.
+    A ``.py`` config file is a LazyConfig (`projects.engine.lazy_train`, ``key=value``
+    overrides)."""
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -201,8 +201,8 @@ def evaluated_weights(monkeypatch):
     return seen
 
 
-STEPS = 3
-DECAY = 0.5
+STEPS = 2
+DECAY = 0.7  # not 0.5: decay and 1 - decay must differ
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -236,7 +236,10 @@ def test_ema_on_each_method(method, tmp_path, evaluated_weights, one_thread):
     _assert_equal_weights(ckpt["model"], raw, "checkpoint model")
     assert ckpt["ema"]["num_updates"] == STEPS
 
-    # --eval-only on that checkpoint evaluates the EMA weights
+    # --eval-only on that checkpoint evaluates the EMA weights (a method-independent path:
+    # checked on one method to save time)
+    if method != "dynamic_rcnn":
+        return
     args = train_module.argument_parser().parse_args([
         "--config-file", projects.model_zoo.get_config_file(METHODS[method][0]), "--eval-only",
         *[str(v) for v in METHODS[method][1]],
@@ -257,8 +260,8 @@ def test_eval_only_with_ema_on_a_checkpoint_without_ema_is_a_clear_error(tmp_pat
 def test_ema_resume_restores_the_average(tmp_path, evaluated_weights, one_thread):
     """``--resume`` continues the saved average instead of restarting it from the weights."""
     opts = ["MODEL_EMA.ENABLED", True, "MODEL_EMA.DECAY", DECAY, "SOLVER.BASE_LR", 0.02,
-            "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", 2]
-    cfg = _cfg("dynamic_rcnn", opts + ["SOLVER.MAX_ITER", 2])
+            "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", 1]
+    cfg = _cfg("dynamic_rcnn", opts + ["SOLVER.MAX_ITER", 1])
     cfg.freeze()
     torch.manual_seed(0)
     first = Trainer(cfg)
@@ -267,14 +270,14 @@ def test_ema_resume_restores_the_average(tmp_path, evaluated_weights, one_thread
     first.resume_or_load(resume=False)
     first.train()
 
-    cfg2 = _cfg("dynamic_rcnn", opts + ["SOLVER.MAX_ITER", 3])
+    cfg2 = _cfg("dynamic_rcnn", opts + ["SOLVER.MAX_ITER", 2])
     cfg2.freeze()
     second = Trainer(cfg2)
     rec2 = _RecordWeights()
     second.register_hooks([rec2])
     second.resume_or_load(resume=True)
     second.train()
-    # rec2.weights[0] is the resumed w_2 (== rec1's last); one more step w_3
+    # rec2.weights[0] is the resumed w_1 (== rec1's last); one more step gives w_2
     expected = _closed_form(rec1.weights + rec2.weights[1:], DECAY)
     _assert_equal_weights(evaluated_weights[-1], expected, "EMA after resume")
 
