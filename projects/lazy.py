@@ -8,7 +8,9 @@ reads (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``), 
   (``MODEL.*``, ``INPUT.*``, ...) with the YAML's values, so a LazyConfig override reads
   ``model.cfg.MODEL.ROI_HEADS.NUM_CLASSES=3``. The model is built by the method's own
   ``@configurable`` classes exactly as from the YAML (one source of truth for the
-  architecture, its converters and its tests);
+  architecture, its converters and its tests). Only the keys the model reads matter there
+  (``MODEL.*`` and the few input keys a method reads); data, solver and schedule are set by
+  the sections below;
 * ``dataloader.train`` / ``dataloader.test`` / ``dataloader.evaluator``: Detectron2's loaders
   with this project's checked mapper and the YAML's resize / flip augmentations, batch size,
   workers and datasets; `COCOEvaluator`;
