@@ -25,12 +25,14 @@ test: setup
 	$(PY) -m pytest tests -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # Train the quickstart Mask R-CNN on the built-in `shapes` dataset, evaluate it, and write
-# visualisations of its predictions on shapes_val to output/demo/vis.
+# visualisations of its predictions on shapes_val to $(DEMO_OUT)/vis. The config sets SEED, so
+# every run on the same machine prints the same AP (`make demo DEMO_OUT=dir` for a fresh folder).
+DEMO_OUT ?= output/demo
 demo: setup
 	@start=$$(date +%s); \
 	$(PY) train_net.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
-		OUTPUT_DIR output/demo && \
+		OUTPUT_DIR $(DEMO_OUT) && \
 	echo "make demo: trained and evaluated in $$(( $$(date +%s) - start )) s" && \
 	$(PY) tools/demo.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
 		--input "$$($(PY) -c 'import projects; print(projects.shapes_image_glob("shapes_val"))')" \
-		--output output/demo/vis --max-images 8 --confidence-threshold 0.3 --opts MODEL.WEIGHTS output/demo/model_final.pth
+		--output $(DEMO_OUT)/vis --max-images 8 --confidence-threshold 0.3 --opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth

@@ -12,7 +12,7 @@ setup(
     description="Res2Net, Dynamic R-CNN, TSD, Decoupled R-CNN and RDSNet as Detectron2 plug-ins",
     python_requires=">=3.9",
     packages=find_packages(include=[p for name in PACKAGES for p in (name, name + ".*")]),
-    package_data={"projects": ["configs/*.yaml", "configs/**/*.yaml"]},
+    package_data={"projects": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
     include_package_data=False,
     install_requires=["fvcore", "iopath", "pycocotools", "opencv-python-headless", "tabulate"],
 )

@@ -3,6 +3,7 @@ import difflib
 import logging
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _d2_get_cfg
 
 from decoupled_rcnn import add_decoupled_rcnn_config
@@ -12,9 +13,16 @@ from res2net import add_res2net_config
 from tsd import add_tsd_config
 
 __all__ = ["add_all_configs", "get_cfg", "load_config", "check_num_classes",
-           "num_classes_key", "register_config_datasets", "resolve_device", "NUM_CLASSES_KEYS"]
+           "num_classes_key", "register_config_datasets", "resolve_device",
+           "check_training_options", "check_clip_gradients", "add_model_ema_config",
+           "NUM_CLASSES_KEYS", "CLIP_TYPES", "FULL_MODEL_NORM"]
 
 logger = logging.getLogger(__name__)
+
+# SOLVER.CLIP_GRADIENTS.CLIP_TYPE values: Detectron2's per-tensor ones and this project's
+# clipping of the norm of all parameters together (`projects.engine.clip`).
+FULL_MODEL_NORM = "full_model_norm"
+CLIP_TYPES = ("value", "norm", FULL_MODEL_NORM)
 
 # Where each meta-architecture reads its class count (Res2Net, Dynamic R-CNN, TSD and
 # Decoupled R-CNN are GeneralizedRCNN models; RDSNet has its own meta-architecture).
@@ -27,14 +35,27 @@ NUM_CLASSES_KEYS = {
 
 
 def add_all_configs(cfg):
-    """Add the keys of all five methods (and the project's own) to ``cfg`` in place."""
+    """Add the keys of all five methods, the project's own (``DATASETS.REGISTER_COCO``) and the
+    project-wide training options (``MODEL_EMA``) to ``cfg`` in place."""
     for add in (add_res2net_config, add_dynamic_rcnn_config, add_tsd_config,
-                add_decoupled_rcnn_config, add_rdsnet_config):
+                add_decoupled_rcnn_config, add_rdsnet_config, add_model_ema_config):
         add(cfg)
     if "REGISTER_COCO" not in cfg.DATASETS:
         # Users' COCO-format datasets, "NAME=path/to/annotations.json:path/to/images" each,
         # registered by load_config before anything is built (projects.data.user_datasets).
         cfg.DATASETS.REGISTER_COCO = ()
+    return cfg
+
+
+def add_model_ema_config(cfg):
+    """``MODEL_EMA`` (`projects.engine.ema`): ENABLED (False), DECAY (0.9998; the average moves
+    by ``1 - DECAY`` per step), START_ITER (0; before it the average follows the model), DEVICE
+    ("" = the model's device)."""
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.9998
+    cfg.MODEL_EMA.START_ITER = 0
+    cfg.MODEL_EMA.DEVICE = ""
     return cfg
 
 
@@ -86,6 +107,7 @@ def load_config(config_file=None, opts=(), cfg=None, datasets=()):
             d for d in datasets if d not in cfg.DATASETS.REGISTER_COCO)
     register_config_datasets(cfg)
     resolve_device(cfg)
+    check_training_options(cfg)
     return cfg
 
 
@@ -97,6 +119,44 @@ def register_config_datasets(cfg):
     if isinstance(specs, str):
         specs = (specs,)
     return register_datasets(specs)
+
+
+def check_training_options(cfg):
+    """Clear errors for bad ``SOLVER.CLIP_GRADIENTS`` (types: ``value``, ``norm`` per tensor,
+    ``full_model_norm`` over all parameters together) and ``MODEL_EMA`` values."""
+    check_clip_gradients(cfg)
+    check_model_ema_config(cfg)
+    return cfg
+
+
+def check_clip_gradients(cfg):
+    """Raise a clear error for an unknown ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` or a
+    non-positive ``CLIP_VALUE`` / ``NORM_TYPE`` while clipping is enabled."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return
+    if clip.CLIP_TYPE not in CLIP_TYPES:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip.CLIP_TYPE!r} is not one of {CLIP_TYPES} "
+            f"('norm' clips each parameter tensor, {FULL_MODEL_NORM!r} the norm of all "
+            "parameters together)"
+        )
+    if not clip.CLIP_VALUE > 0:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE={clip.CLIP_VALUE} must be > 0")
+    if clip.CLIP_TYPE != "value" and not clip.NORM_TYPE > 0:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.NORM_TYPE={clip.NORM_TYPE} must be > 0 "
+                         "(use 'inf' for the max norm)")
+
+
+def check_model_ema_config(cfg):
+    """Raise a clear error for a ``MODEL_EMA.DECAY`` outside [0, 1) or a negative START_ITER."""
+    ema = cfg.MODEL_EMA
+    if not ema.ENABLED:
+        return
+    if not 0.0 <= ema.DECAY < 1.0:
+        raise ValueError(f"MODEL_EMA.DECAY={ema.DECAY} must be in [0, 1)")
+    if ema.START_ITER < 0:
+        raise ValueError(f"MODEL_EMA.START_ITER={ema.START_ITER} must be >= 0")
 
 
 def resolve_device(cfg):

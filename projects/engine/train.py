@@ -10,6 +10,8 @@ from detectron2.utils import comm
 from ..config import check_num_classes, load_config
 from ..data.user_datasets import SPEC_SYNTAX
 from .checkpoint import MIN_LOADED_FRACTION_FOR_INFERENCE, VerifiedCheckpointer
+from .ema import load_ema_from_checkpoint
+from .lazy_train import is_lazy_config, main_lazy
 from .trainer import Trainer
 
 __all__ = ["argument_parser", "setup", "main", "run"]
@@ -47,14 +49,23 @@ def setup(args):
 
 
 def main(args):
-    """Train (or, with ``--eval-only``, evaluate) one config; returns the evaluation results."""
+    """Train (or, with ``--eval-only``, evaluate) one config; returns the evaluation results.
+    A ``.py`` config file is a LazyConfig (`projects.engine.lazy_train`, ``key=value``
+    overrides)."""
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # MODEL.WEIGHTS must be a checkpoint of this model: no evaluation of random weights
-        VerifiedCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
-                             min_loaded_fraction=MIN_LOADED_FRACTION_FOR_INFERENCE
-                             ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = VerifiedCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, min_loaded_fraction=MIN_LOADED_FRACTION_FOR_INFERENCE)
+        extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.MODEL_EMA.ENABLED:  # evaluate the averaged weights saved with the checkpoint
+            load_ema_from_checkpoint(
+                model, extra,
+                checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint()
+                else cfg.MODEL.WEIGHTS)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))

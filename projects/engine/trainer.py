@@ -19,7 +19,9 @@ from ..data import CheckedDatasetMapper, build_train_mapper
 from ..data.builtin import prepare_dataset_files
 from ..data.resumable import build_resumable_train_loader
 from .checkpoint import VerifiedCheckpointer
+from .clip import build_optimizer_with_clipping
 from .coco_evaluation import COCOEvaluator
+from .ema import EMAHook, ModelEMA, ema_weights_applied, unwrap_model
 from .random_state import capture_random_states, preserved_random_states, restore_random_states
 
 __all__ = ["Trainer", "compiled_coco_eval_available"]
@@ -92,7 +94,11 @@ class Trainer(DefaultTrainer):
     * checkpoints are written atomically and verified before resuming
       (`projects.engine.checkpoint.VerifiedCheckpointer`); a run resumed after its last
       iteration rewrites a missing or incomplete ``model_final.pth``;
-    * evaluation during training does not consume the training random streams.
+    * evaluation during training does not consume the training random streams;
+
+    and gradient clipping by the global norm (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE
+    full_model_norm``, `projects.engine.clip`) and model EMA (``MODEL_EMA``,
+    `projects.engine.ema`).
     """
 
     def __init__(self, cfg):
@@ -131,15 +137,25 @@ class Trainer(DefaultTrainer):
 
     # ------------------------------------------------------------------ exact resume
     def build_hooks(self):
+        """Detectron2's hooks with the crash-safe checkpointer; before checkpointing and
+        evaluation, `EMAHook` when ``MODEL_EMA.ENABLED`` (its average is saved in checkpoints
+        under ``"ema"``) and, with several processes, the random-state snapshot."""
         # DefaultTrainer's constructor has just built a plain DetectionCheckpointer: give the
         # hooks (and resume_or_load) the crash-safe one instead.
         if not isinstance(self.checkpointer, VerifiedCheckpointer):
             self.checkpointer = VerifiedCheckpointer.like(self.checkpointer)
         ret = super().build_hooks()
+        extra = []
+        if self.cfg.MODEL_EMA.ENABLED:
+            ema_cfg = self.cfg.MODEL_EMA
+            ema = ModelEMA(unwrap_model(self.model), ema_cfg.DECAY, ema_cfg.DEVICE)
+            self.checkpointer.add_checkpointable("ema", ema)
+            extra.append(EMAHook(ema, ema_cfg.START_ITER))
         if comm.get_world_size() > 1:
-            at = next((i for i, h in enumerate(ret)
-                       if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))
-            ret.insert(at, _RandomStateSnapshot(self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            extra.append(_RandomStateSnapshot(self.cfg.SOLVER.CHECKPOINT_PERIOD))
+        first = next((i for i, h in enumerate(ret)
+                      if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))), len(ret))
+        ret[first:first] = extra
         return ret
 
     def state_dict(self):
@@ -207,6 +223,11 @@ class Trainer(DefaultTrainer):
 
     # ------------------------------------------------------------------ builders
     @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's optimizer; ``CLIP_TYPE: full_model_norm`` clips all gradients together."""
+        return build_optimizer_with_clipping(cfg, model, super().build_optimizer)
+
+    @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's training stream with a checkpointable position
         (`projects.data.resumable`); the class counts of the training and test datasets are
@@ -217,9 +238,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """`DefaultTrainer.test`, leaving the global random states as they were (so evaluation
-        during training does not change the training that follows)."""
-        with preserved_random_states():
+        """`DefaultTrainer.test` on the EMA weights when ``model`` has a `ModelEMA`, leaving the
+        global random states as they were (so evaluation during training does not change the
+        training that follows)."""
+        with preserved_random_states(), ema_weights_applied(model):
             return super().test(cfg, model, evaluators)
 
     @classmethod
@@ -250,10 +272,10 @@ class Trainer(DefaultTrainer):
     def test_with_TTA(cls, cfg, model):
         """Evaluate ``model`` with the test-time augmentation of ``cfg.TEST.AUG``."""
         logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation")
-        tta_model = build_tta_model(cfg, model)
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
             for name in cfg.DATASETS.TEST
         ]
-        res = cls.test(cfg, tta_model, evaluators)
+        with ema_weights_applied(model):
+            res = cls.test(cfg, build_tta_model(cfg, model), evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
