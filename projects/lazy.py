@@ -13,7 +13,7 @@ reads (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``), 
   the sections below;
 * ``dataloader.train`` / ``dataloader.test`` / ``dataloader.evaluator``: Detectron2's loaders
   with this project's checked mapper and the YAML's resize / flip augmentations, batch size,
-  workers and datasets; `COCOEvaluator`;
+  workers and datasets; `COCOEvaluator` (`coco_evaluator`: fast evaluation only where compiled);
 * ``optimizer``: SGD on Detectron2's ``get_default_optimizer_params`` with the YAML's learning
   rate, momentum and weight decays (``SOLVER.CLIP_GRADIENTS`` of type ``full_model_norm``
   becomes `projects.engine.clip.global_norm_clipped_sgd`);
@@ -26,7 +26,7 @@ import os
 
 from detectron2.config import LazyCall as L
 
-__all__ = ["lazy_sections", "build_model_from_config", "config_from_dict"]
+__all__ = ["lazy_sections", "build_model_from_config", "config_from_dict", "coco_evaluator"]
 
 
 def _to_plain(node):
@@ -63,6 +63,19 @@ def build_model_from_config(cfg):
     from detectron2.modeling import build_model
 
     return build_model(config_from_dict(cfg))
+
+
+def coco_evaluator(dataset_name, output_dir=None):
+    """Detectron2's `COCOEvaluator` as the project's `Trainer` builds it: the dataset's COCO
+    files prepared, the compiled fast evaluation only where it is installed."""
+    from detectron2.evaluation import COCOEvaluator
+
+    from .data.builtin import prepare_dataset_files
+    from .engine.trainer import compiled_coco_eval_available
+
+    prepare_dataset_files(dataset_name)
+    return COCOEvaluator(dataset_name, output_dir=output_dir,
+                         use_fast_impl=compiled_coco_eval_available())
 
 
 def _lazy_augmentation(aug):
@@ -130,7 +143,6 @@ def lazy_sections(config_file, opts=()):
     YAML ``config_file`` (plus ``KEY VALUE`` ``opts``); see the module docstring."""
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
     from detectron2.data import get_detection_dataset_dicts
-    from detectron2.evaluation import COCOEvaluator
     from omegaconf import OmegaConf
 
     from .config import load_config
@@ -154,7 +166,7 @@ def lazy_sections(config_file, opts=()):
         mapper=_lazy_mapper(cfg, False),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
-    dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
+    dataloader.evaluator = L(coco_evaluator)(dataset_name="${..test.dataset.names}")
     train = OmegaConf.create(dict(
         output_dir=cfg.OUTPUT_DIR,
         init_checkpoint=cfg.MODEL.WEIGHTS,

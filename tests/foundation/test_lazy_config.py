@@ -80,13 +80,27 @@ def test_train_net_trains_and_evaluates_a_lazy_config(tmp_path, monkeypatch):
         "from projects.lazy import lazy_sections\n"
         f"model, dataloader, optimizer, lr_multiplier, train = lazy_sections({yaml!r}, {tiny!r})\n")
     seen = []
-    monkeypatch.setattr(lazy_train, "inference_on_dataset",
-                        lambda model, loader, evaluator: seen.append(model) or {"bbox": {"AP": 1.0}})
+
+    def one_image_inference(model, loader, evaluator):
+        """The configured evaluator on one image with one made-up detection (the real
+        inference over the 80 images of shapes_val is too slow for the suite)."""
+        from detectron2.structures import Boxes, Instances
+
+        seen.append(model)
+        first = next(iter(loader))[0]
+        det = Instances((first["height"], first["width"]), pred_boxes=Boxes(torch.tensor(
+            [[10.0, 10.0, 40.0, 40.0]])), scores=torch.tensor([0.9]),
+            pred_classes=torch.tensor([0]))
+        evaluator.reset()
+        evaluator.process([first], [{"instances": det}])
+        return evaluator.evaluate()
+
+    monkeypatch.setattr(lazy_train, "inference_on_dataset", one_image_inference)
     args = train_module.argument_parser().parse_args([
         "--config-file", str(user), "train.max_iter=2", f"train.output_dir={tmp_path / 'out'}",
         "train.checkpointer.period=100", "train.seed=1"])
     results = train_module.main(args)
-    assert results == {"bbox": {"AP": 1.0}} and len(seen) == 1
+    assert len(seen) == 1 and 0.0 <= results["bbox"]["AP"] <= 100.0
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 1
     expected = _shapes(build_model(load_config(yaml, tiny)))
