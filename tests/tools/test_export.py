@@ -137,3 +137,27 @@ def test_export_model_tool_refuses_scripting_and_onnx_soft_nms(load_tool, tiny_c
     with pytest.raises(tool.ToolError, match="TEST_NMS_TYPE"):
         tool.main(["--config-file", soft, "--format", "onnx", "--output", str(tmp_path),
                    "--opts"] + [str(v) for v in opts])
+
+
+@pytest.mark.parametrize("method", ["linear", "gaussian", "naive"])
+def test_traced_soft_nms_equals_eager_on_other_inputs(method):
+    from projects_common.soft_nms import batched_soft_nms
+
+    def boxes_scores(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        xy = torch.rand(n, 2, generator=g) * 60
+        boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 30], dim=1)
+        return boxes, torch.rand(n, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def fn(boxes, scores, classes):
+        return batched_soft_nms(boxes, scores, classes, 0.3, 0.05, method)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(fn, boxes_scores(40, 0), check_trace=False)
+        for n, seed in ((25, 1), (90, 2)):  # fewer / more boxes and picks than traced
+            inputs = boxes_scores(n, seed)
+            keep, scores = traced(*inputs)
+            expected_keep, expected_scores = fn(*inputs)
+            assert 0 < expected_keep.numel() < n
+            assert torch.equal(keep, expected_keep)
+            torch.testing.assert_close(scores, expected_scores, atol=0, rtol=0)
