@@ -157,7 +157,8 @@ class VerifiedCheckpointer(DetectionCheckpointer):
             return self.load(path, checkpointables=[])
         self._remove_stale_temporary_files()
         last = self.get_checkpoint_file()
-        problem = self.verify(last, keep=True) if os.path.isfile(last) else "the file does not exist"
+        problem = (self.verify(last, keep=True) if os.path.isfile(last)
+                   else "the file does not exist")
         if problem is None:
             return self.load(last)
         candidates = sorted(
@@ -248,7 +249,8 @@ class VerifiedCheckpointer(DetectionCheckpointer):
         loaded = sum(n not in not_loaded for n in names)
         if names and loaded < self.min_loaded_fraction * len(names):
             raise CheckpointError(
-                f"{getattr(self, '_loading', None) or 'the checkpoint'} fills {loaded} of the model's {len(names)} parameter tensors "
+                f"{getattr(self, '_loading', None) or 'the checkpoint'} fills {loaded} of the "
+                f"model's {len(names)} parameter tensors "
                 f"(needed: {self.min_loaded_fraction:.0%}); "
                 f"{len(incompatible.missing_keys)} missing, "
                 f"{len(incompatible.incorrect_shapes)} of another shape, "
