@@ -10,12 +10,13 @@ S_I and (when there were positives) one beta statistic to S_E; every C iteration
 and both windows are cleared; the new values apply from the next iteration on.
 
 Everything is kept in buffers of this module, so `DetectionCheckpointer` saves it and a resumed
-run continues exactly. A checkpoint of another world size or update period is fitted by
-`DynamicTrainingState.fit_checkpoint_state` (the rule is in its docstring). To make that hold for every process of a distributed run
-(the checkpoint is written by rank 0 only), every process keeps the state of *all* ranks: the
-per-iteration statistics are all-gathered (a 4-number message per iteration), each rank's row
-is updated with that rank's own statistics (``sync=False``, as in every reference code base) or
-all rows with the pooled statistics (``sync=True``). Rank r reads row r.
+run continues exactly. To make that hold for every process of a distributed run (the checkpoint
+is written by rank 0 only), every process keeps the state of *all* ranks: the per-iteration
+statistics are all-gathered (a 4-number message per iteration), each rank's row is updated with
+that rank's own statistics (``sync=False``, as in every reference code base) or all rows with
+the pooled statistics (``sync=True``). Rank r reads row r. A checkpoint of another world size or
+update period is fitted by `DynamicTrainingState.fit_checkpoint_state` (the rule is in its
+docstring).
 
 Buffers (W = world size, C = update period):
     iteration   () int64    executed training iterations

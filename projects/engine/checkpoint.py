@@ -153,11 +153,13 @@ class VerifiedCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True):
         """As `Checkpointer.resume_or_load`; when resuming, the file ``last_checkpoint`` names is
         verified first and, if unusable, the newest complete ``*.pth`` of the folder is used."""
+        if resume:
+            self._remove_stale_temporary_files()
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
-        self._remove_stale_temporary_files()
         last = self.get_checkpoint_file()
-        problem = self.verify(last, keep=True) if os.path.isfile(last) else "the file does not exist"
+        problem = (self.verify(last, keep=True) if os.path.isfile(last)
+                   else "the file does not exist")
         if problem is None:
             return self.load(last)
         candidates = sorted(
@@ -179,7 +181,7 @@ class VerifiedCheckpointer(DetectionCheckpointer):
         )
 
     def _remove_stale_temporary_files(self) -> None:
-        if not self.save_to_disk:
+        if not self.save_dir or not self.save_to_disk:
             return
         for tmp in glob.glob(os.path.join(glob.escape(self.save_dir), f".*{_TMP_SUFFIX}")):
             self.logger.info(f"Removing {tmp}, left by an interrupted checkpoint write")
@@ -248,7 +250,8 @@ class VerifiedCheckpointer(DetectionCheckpointer):
         loaded = sum(n not in not_loaded for n in names)
         if names and loaded < self.min_loaded_fraction * len(names):
             raise CheckpointError(
-                f"{getattr(self, '_loading', None) or 'the checkpoint'} fills {loaded} of the model's {len(names)} parameter tensors "
+                f"{getattr(self, '_loading', None) or 'the checkpoint'} fills {loaded} of the "
+                f"model's {len(names)} parameter tensors "
                 f"(needed: {self.min_loaded_fraction:.0%}); "
                 f"{len(incompatible.missing_keys)} missing, "
                 f"{len(incompatible.incorrect_shapes)} of another shape, "

@@ -62,7 +62,8 @@ def test_other_world_size_same_period_keeps_rank0_state_and_windows(tmp_path):
     assert s.iou_window.tolist() == [[0.5, 0.6, 0.0]] and s.iou_count.tolist() == [2]
     assert s.beta_window.tolist() == [[0.2, 0.3, 0.0]] and s.beta_count.tolist() == [2]
     with EventStorage():
-        updated = s.record(torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.1))  # third entry: counter 6
+        # the third entry: counter 6, an update
+        updated = s.record(torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.1))
     assert updated
     assert s.current()[0] == torch.tensor([0.5, 0.6, 0.9], dtype=torch.float64).mean().item()
 
