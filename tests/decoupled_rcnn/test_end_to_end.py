@@ -270,3 +270,74 @@ def test_fpn_init(make_cfg, config_paths, meta_arch, mode):
         other = math.sqrt(3 / fan_in) if xavier else math.sqrt(6 / (fan_in + fan_out))
         distinct += abs(other / bound - 1) > 0.15
     assert distinct >= 3  # the wider lateral convs tell the two schemes apart
+
+
+# ---------------------------------------------------------------- mutation-testing survivors
+def test_rpn_uses_training_topk_for_both_sets(make_cfg, fpn_shapes):
+    """Training takes the *training* pre-/post-NMS top-k (pre 4, post 1 here; the test values
+    are pre 2, post 4): the classification set is {a}, the regression set {a, b, d}."""
+    rpn = build_proposal_generator(make_cfg(opts=SMALL), fpn_shapes(8))
+    a, b, c, d = [10.0, 10, 110, 110], [21.0, 10, 121, 110], [15.0, 10, 115, 110], \
+        [200.0, 200, 250, 260]
+    rpn.pre_nms_topk = {True: 4, False: 2}
+    rpn.post_nms_topk = {True: 1, False: 4}
+    rpn.train()
+    cls_set, reg_set = rpn.predict_proposals(
+        [Boxes(torch.tensor([a, b, c, d]))], [torch.tensor([[5.0, 4.0, 3.0, 1.0]])],
+        [torch.zeros(1, 4, 4)], [(300, 300)])
+    assert cls_set[0].proposal_boxes.tensor.tolist() == [a]
+    assert reg_set[0].proposal_boxes.tensor.tolist() == [a, b, d]
+
+
+def test_positive_first_sampler_counts_class_zero():
+    from decoupled_rcnn.sampling import positive_first_sample
+
+    labels = torch.tensor([0, 3, 1, 3, 0, -1, 3])  # K = 3: class 0 is a foreground class
+    pos, neg = positive_first_sample(labels, 5, 3)
+    assert pos.tolist() == [0, 2, 4] and sorted(neg.tolist()) in ([1, 3], [1, 6], [3, 6])
+    pos, neg = positive_first_sample(labels, 3, 3)  # exactly the budget: all positives
+    assert pos.tolist() == [0, 2, 4] and neg.numel() == 0
+
+
+def test_two_sided_clamp_per_class_and_coordinate():
+    """Class-specific (R, 8) deltas with different dw / dh weights: every log-size delta of
+    every class is clamped from below at -log(1000/16) (times its own weight)."""
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    from decoupled_rcnn.box_coder import apply_deltas_clamped, decode_and_clip
+
+    t = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 2.5))
+    deltas = torch.tensor([[0.0, 0, -60.0, 0, 0, 0, 0, -60.0]])
+    out = apply_deltas_clamped(t, deltas, torch.tensor([[100.0, 100, 200, 300]])).view(2, 4)
+    widths, heights = out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]
+    assert widths.tolist() == pytest.approx([100 * 16 / 1000, 100], rel=1e-4)
+    assert heights.tolist() == pytest.approx([200, 200 * 16 / 1000], rel=1e-4)
+    empty = decode_and_clip(t, torch.zeros(0, 4), [torch.zeros(0, 4)] * 2, [SIZE] * 2)
+    assert [tuple(e.shape) for e in empty] == [(0, 4), (0, 4)]
+
+
+def test_soft_nms_inference_edges():
+    """Strict score threshold, top-k 0, non-finite rows dropped, class-specific boxes, image
+    size kept, and the mmcv split quirk from exactly ``split_thresh`` candidates on."""
+    from decoupled_rcnn.inference import soft_nms_inference
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, float("nan"), 10]])
+    scores = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3], [0.9, 0.0, 0.1]])
+    r = soft_nms_inference(boxes, scores, (80, 90), 0.1, 0.5, -1, 1e-3, 0)
+    assert r.image_size == (80, 90)
+    got = sorted(zip(r.pred_classes.tolist(), r.scores.tolist()))
+    assert [g[0] for g in got] == [0, 1, 1]  # (row 1, class 0) has score == 0.1: not kept
+    assert [g[1] for g in got] == pytest.approx([0.5, 0.2, 0.6])
+    assert len(soft_nms_inference(boxes, scores, (80, 90), 0.1, 0.5, 0, 1e-3, 0)) == 0
+    # class-specific boxes: class c of row i uses boxes[i, 4c:4c+4]
+    cs = torch.tensor([[0.0, 0, 10, 10, 20, 20, 30, 30], [50, 50, 60, 60, 1, 1, 5, 5]])
+    r = soft_nms_inference(cs, scores[:2], (80, 90), 0.15, 0.5, -1, 1e-3, 0)
+    got = {(c, tuple(b)) for c, b in zip(r.pred_classes.tolist(), r.pred_boxes.tensor.tolist())}
+    assert got == {(0, (0.0, 0, 10, 10)), (1, (20.0, 20, 30, 30)), (1, (1.0, 1, 5, 5))}
+    # two same-class boxes at IoU 0.6: 2 candidates = split_thresh -> original scores
+    pair = torch.tensor([[0.0, 0, 100, 100], [25, 0, 125, 100]])
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    quirk = soft_nms_inference(pair, probs, (200, 200), 0.5, 0.5, -1, 1e-3, split_thresh=2)
+    assert quirk.scores.tolist() == pytest.approx([0.9, 0.8])
+    clean = soft_nms_inference(pair, probs, (200, 200), 0.5, 0.5, -1, 1e-3, split_thresh=3)
+    assert clean.scores.tolist() == pytest.approx([0.9, 0.32])
