@@ -399,9 +399,20 @@ def test_original_records_max_iou_exactly_at_the_threshold():
 
 def test_matcher_records_only_during_the_training_forward():
     head = _head(_cfg())
+    head.proposal_matcher(torch.rand(1, 4))  # before any training forward
+    assert head.proposal_matcher.stop_recording() == []
     _step(head, _targets([[G]]), proposals=[_props(_shift(G, 5))])
     head.proposal_matcher(torch.rand(1, 4))
     assert head.proposal_matcher.stop_recording() == []
+
+
+def test_values_in_force_are_logged_unsmoothed():
+    head = _head(_cfg())
+    with EventStorage() as storage:
+        head(None, _features(1), [_props(_shift(G, 5))], _targets([[G]]))
+        hints = storage.smoothing_hints()
+    assert hints["dynamic_rcnn/iou_thr"] is False and hints["dynamic_rcnn/beta"] is False
+    assert hints["dynamic_rcnn/iou_stat"] is True and hints["dynamic_rcnn/beta_stat"] is True
 
 
 def test_vf6_per_image_rank_clamped_and_many_gts():

@@ -170,6 +170,8 @@ def test_state_rejects_bad_values():
 
 
 def test_empty_and_single_value_inputs_and_error_messages():
+    with pytest.raises(ValueError, match="kth_largest of an empty tensor"):
+        kth_largest(torch.zeros(0), 1)
     with pytest.raises(ValueError, match="kth_smallest of an empty tensor"):
         kth_smallest(torch.zeros(0), 1)
     with pytest.raises(ValueError, match="median of an empty window"):
