@@ -202,10 +202,9 @@ class DynamicROIHeads(StandardROIHeads):
                 )
             recorded.append(original_recorded_ious(m, thr))
             gt_index = torch.where(labels == 1, matches, torch.zeros_like(matches))
-            boxes = props.proposal_boxes.tensor
-            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # no 0-size box
+            # a zero-size proposal gives a non-finite label, which beta_statistic leaves out
             deltas = self.box_predictor.box2box_transform.get_deltas(
-                boxes[valid], tgt.gt_boxes.tensor[gt_index[valid]]
+                props.proposal_boxes.tensor, tgt.gt_boxes.tensor[gt_index]
             )
             magnitudes.append(regression_label_magnitude(deltas))
         iou_stat = iou_statistic_original(recorded, self.k_i)

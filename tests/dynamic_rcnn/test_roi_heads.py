@@ -331,7 +331,7 @@ def test_vf4_iou_statistic_per_image_vs_pooled_with_appended_gt(stats):
     """K_I = 2. mmdet: mean over images of each image's 2nd largest max-IoU (appended GT = 1.0
     included); original: the (2 * 2)-th largest of both images pooled."""
     boxes, targets = _two_image_batch()
-    head = _head(_cfg(STATISTICS=stats, KI=2))
+    head = _head(_cfg(STATISTICS=stats, KI=2, KBETA=3))
     _, logged = _step(head, targets, proposals=[_props(*b) for b in boxes])
     per_image = [[1.0] + [_iou(p, G) for p in bs] for bs in boxes]  # appended GT first
     if stats == "mmdet":
@@ -339,6 +339,17 @@ def test_vf4_iou_statistic_per_image_vs_pooled_with_appended_gt(stats):
     else:
         expected = _kth_largest(per_image[0] + per_image[1], 4)  # 0.905
     assert logged["dynamic_rcnn/iou_stat"] == pytest.approx(expected, abs=1e-5)
+    # beta, K_beta = 3 -> rank 6 over both images: mmdet over the sampled positives (IoU >= 0.4;
+    # here 5 < 6, so the largest), original over every candidate (single-GT images)
+    labels = [[0.0] + [_label_magnitude(p, G) for p in bs] for bs in boxes]
+    fg = [[True] + [_iou(p, G) >= 0.4 for p in bs] for bs in boxes]
+    if stats == "mmdet":
+        candidates = [e for es, fs in zip(labels, fg) for e, f in zip(es, fs) if f]
+    else:
+        candidates = labels[0] + labels[1]
+    expected_beta = sorted(candidates)[min(6, len(candidates)) - 1]
+    assert expected_beta == pytest.approx(1.0 if stats == "mmdet" else 2.5)
+    assert logged["dynamic_rcnn/beta_stat"] == pytest.approx(expected_beta, abs=1e-5)
     # the three definitions one could confuse give clearly different values here
     pooled = _kth_largest(per_image[0] + per_image[1], 4)
     without_gt = sum(_kth_largest(v[1:], 2) for v in per_image) / 2
@@ -346,15 +357,62 @@ def test_vf4_iou_statistic_per_image_vs_pooled_with_appended_gt(stats):
     assert min(abs(pooled - mean_of_images), abs(without_gt - mean_of_images)) > 0.1
 
 
-def test_iou_statistic_image_without_gt_contributes_zero():
+@pytest.mark.parametrize("stats", ["mmdet", "original"])
+def test_iou_statistic_image_without_gt_contributes_zero(stats):
     """MMDetection: an image without GT has max IoU 0 everywhere, its K_I-th largest is 0 and
-    it enters the mean: I_k = (0.905 + 0) / 2."""
-    boxes, targets = _two_image_batch()
-    targets[1] = _targets([[]])[0]
-    head = _head(_cfg(KI=2))
+    it enters the mean: I_k = (0 + 0.905) / 2. The original (pooled) definition has no entries
+    for it: the (K_I * 1)-th largest of the other image. The beta statistic comes from the other
+    image alone (K_beta = 10: the largest of its candidates)."""
+    (a, _), targets = _two_image_batch()
+    boxes, targets = [a, a], [_targets([[]])[0], targets[0]]  # the image without GT first
+    head = _head(_cfg(STATISTICS=stats, KI=2))
     _, logged = _step(head, targets, proposals=[_props(*b) for b in boxes])
-    expected = (_kth_largest([1.0] + [_iou(p, G) for p in boxes[0]], 2) + 0.0) / 2
+    ious = [1.0] + [_iou(p, G) for p in boxes[1]]
+    expected = (0.0 + _kth_largest(ious, 2)) / 2 if stats == "mmdet" else _kth_largest(ious, 2)
     assert logged["dynamic_rcnn/iou_stat"] == pytest.approx(expected, abs=1e-5)
+    labels = [0.0] + [_label_magnitude(p, G) for p in boxes[1]]
+    if stats == "mmdet":  # sampled positives only
+        labels = [e for e, iou in zip(labels, ious) if iou >= 0.4]
+    assert logged["dynamic_rcnn/beta_stat"] == pytest.approx(max(labels), abs=1e-5)
+
+
+@pytest.mark.parametrize("stats", ["mmdet", "original"])
+def test_images_with_a_single_candidate_or_none(stats):
+    """Image 1: one GT and no RPN proposal -> one candidate (the appended GT, IoU 1.0);
+    image 2: no GT and no proposal -> no candidate. mmdet: (1.0 + 0) / 2; original: 1.0."""
+    targets = _targets([[G], []])
+    empty = _props()
+    _, logged = _step(_head(_cfg(STATISTICS=stats, KI=2)), targets, proposals=[empty, _props()])
+    assert logged["dynamic_rcnn/iou_stat"] == pytest.approx(0.5 if stats == "mmdet" else 1.0)
+    assert logged["dynamic_rcnn/beta_stat"] == 0.0
+
+
+def test_original_records_max_iou_exactly_at_the_threshold():
+    """Original mode, T = 0.6, GTs g0 (far) and g1 = G; the proposal has IoU exactly 0.6 with g1
+    (75 / 125) and 0 with g0: it is foreground and records 0.6 (not its IoU with g0)."""
+    g0 = [110, 110, 127, 127]
+    head = _head(_cfg(STATISTICS="original", KI=3))
+    head.dynamic_state.iou_thr.fill_(0.6)
+    _, logged = _step(head, _targets([[g0, G]]), proposals=[_props(_shift(G, 25))])
+    assert logged["dynamic_rcnn/iou_stat"] == pytest.approx(0.6, abs=1e-6)
+
+
+def test_matcher_records_only_during_the_training_forward():
+    head = _head(_cfg())
+    head.proposal_matcher(torch.rand(1, 4))  # before any training forward
+    assert head.proposal_matcher.stop_recording() == []
+    _step(head, _targets([[G]]), proposals=[_props(_shift(G, 5))])
+    head.proposal_matcher(torch.rand(1, 4))
+    assert head.proposal_matcher.stop_recording() == []
+
+
+def test_values_in_force_are_logged_unsmoothed():
+    head = _head(_cfg())
+    with EventStorage() as storage:
+        head(None, _features(1), [_props(_shift(G, 5))], _targets([[G]]))
+        hints = storage.smoothing_hints()
+    assert hints["dynamic_rcnn/iou_thr"] is False and hints["dynamic_rcnn/beta"] is False
+    assert hints["dynamic_rcnn/iou_stat"] is True and hints["dynamic_rcnn/beta_stat"] is True
 
 
 def test_vf6_per_image_rank_clamped_and_many_gts():

@@ -167,3 +167,16 @@ def test_state_rejects_bad_values():
         _state(median="lower")
     with pytest.raises(ValueError, match="INITIAL_IOU"):
         _state(initial_iou=0.0)
+
+
+def test_empty_and_single_value_inputs_and_error_messages():
+    with pytest.raises(ValueError, match="kth_largest of an empty tensor"):
+        kth_largest(torch.zeros(0), 1)
+    with pytest.raises(ValueError, match="kth_smallest of an empty tensor"):
+        kth_smallest(torch.zeros(0), 1)
+    with pytest.raises(ValueError, match="median of an empty window"):
+        window_median(torch.zeros(0), "numpy")
+    with pytest.raises(ValueError, match="MODEL.DYNAMIC_RCNN.MEDIAN must be 'numpy' or 'upper'"):
+        window_median(torch.tensor([0.1, 0.2]), "lower")
+    for convention in ("numpy", "upper"):  # a window of one value (C = 1)
+        assert float(window_median(torch.tensor([0.3]), convention)) == pytest.approx(0.3)

@@ -97,6 +97,7 @@ def test_ms_test_config_filters_the_union_of_raw_detections_once():
     assert out.pred_classes.tolist() == [0, 0]
     assert out.scores.tolist() == [pytest.approx(0.95), pytest.approx(0.8)]
     assert out.pred_boxes.tensor.tolist() == [pytest.approx(z), pytest.approx(x)]
+    assert out.pred_boxes.tensor.dtype == torch.float32
 
 
 def test_detectron2_merge_is_an_option():
