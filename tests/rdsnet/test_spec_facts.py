@@ -275,3 +275,20 @@ def test_mask_loss_ratio_scales_kept_negatives():
     logits, target = _tiny_example()
     assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 13))
     assert torch.isclose(instance_mask_losses(logits, target, 0.5)[0], torch.tensor(6 * LN2 / 7))
+
+
+def test_mask_loss_negatives_capped_at_all_pixels_but_one():
+    """num_neg = min(ratio n_pos, h w - 1): 12 positives (rows 0-2, CE ln 2), 4 saturated
+    negatives (row 3, CE 0), ratio 2 -> 15 ranks kept in pixel order: 3 negatives, so the
+    loss is 12 ln2 / (12 + 3 + 1)."""
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 0, 3] = 30.0
+    target = torch.ones(1, 4, 4, dtype=torch.long)
+    target[0, 3] = 0
+    assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 16))
+
+
+def test_gt_mask_downsampling_empty_non_square():
+    """No masks: an empty bool (0, H/4, W/4) map."""
+    out = downsample_gt_masks(torch.zeros(0, 8, 12))
+    assert out.shape == (0, 2, 3) and out.dtype == torch.bool
