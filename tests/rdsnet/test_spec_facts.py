@@ -292,3 +292,12 @@ def test_gt_mask_downsampling_empty_non_square():
     """No masks: an empty bool (0, H/4, W/4) map."""
     out = downsample_gt_masks(torch.zeros(0, 8, 12))
     assert out.shape == (0, 2, 3) and out.dtype == torch.bool
+
+
+def test_crop_without_plus_one():
+    """BOX_PLUS_ONE False: padding is a fraction of x2 - x1. Box [10, 5, 29, 24], padding 0.25:
+    pad 4.75 -> x [5, 33), y [0, 28): 784 pixels (841 with the "+1" width)."""
+    m = crop_mask(torch.tensor([[10.0, 5.0, 29.0, 24.0]]), 50, 60, 0.25, plus_one=False)[0]
+    cols, rows = m.any(0).nonzero()[:, 0], m.any(1).nonzero()[:, 0]
+    assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (5, 33, 0, 28)
+    assert int(m.sum()) == 784
