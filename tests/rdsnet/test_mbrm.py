@@ -115,3 +115,9 @@ def test_each_distribution_row_sums_to_one_and_single_box(mbrm):
         assert torch.allclose(d.sum(dim=1), torch.ones(2), atol=1e-5)
     one = mbrm.refine_from_profiles(masks[1:].amax(1), masks[1:].amax(2), boxes[1:])
     assert one.tolist() == [[29, 19, 90, 60]]
+
+
+def test_defaults_are_the_authors():
+    """MBRM() uses gamma 0.05 and the 9-tap kernel (mbrm_cfg of the refine configs)."""
+    default = MBRM()
+    assert default.gamma == 0.05 and default.weight.shape == (1, 1, 9)

@@ -75,6 +75,9 @@ def test_tiny_masks_are_dropped(monkeypatch):
     assert torch.isfinite(sum(losses.values()))
     _losses(model, [_sample(boxes=((30, 30, 41, 40),))])  # 110 px: sampled
     assert len(calls) == 1
+    # an image whose masks are all dropped does not stop the next image's mask loss
+    _losses(model, [_sample(boxes=((30, 30, 40, 40),)), _sample(boxes=((30, 30, 41, 40),))])
+    assert len(calls) == 2
 
 
 def test_at_most_masks_to_train_positives(monkeypatch):
