@@ -106,6 +106,8 @@ def test_batch_padding_anchors_are_invalid():
     assert bool(level0[:, :4].all()) and not bool(level0[:, 4:].any())
     level1 = flags[48:].view(2, 3, 2)
     assert bool(level1[:, :2].all()) and not bool(level1[:, 2:].any())
+    rows = anchor_valid_flags(grid, [8, 16], [2, 2], (16, 48), "cpu")[:48].view(4, 6, 2)
+    assert bool(rows[:2].all()) and not bool(rows[2:].any())  # ceil(16 / 8) = 2 rows
 
 
 @pytest.mark.parametrize("refine", [False, True])

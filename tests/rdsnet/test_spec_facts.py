@@ -301,3 +301,21 @@ def test_crop_without_plus_one():
     cols, rows = m.any(0).nonzero()[:, 0], m.any(1).nonzero()[:, 0]
     assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (5, 33, 0, 28)
     assert int(m.sum()) == 784
+
+
+def test_box_coder_clamps_both_directions():
+    """§1.2: dw and dh are clamped to +-4.1352 on both sides (w x 16/1000, h x 1000/16)."""
+    coder = Box2BoxTransformPlusOne((1.0, 1.0, 1.0, 1.0), scale_clamp=math.log(1000 / 16))
+    anchor = torch.tensor([[0.0, 0.0, 9.0, 19.0]])
+    out = coder.apply_deltas(torch.tensor([[0.0, 0.0, -10.0, 10.0]]), anchor)[0]
+    assert torch.isclose(out[2] - out[0] + 1, torch.tensor(10 * 16 / 1000))
+    assert torch.isclose(out[3] - out[1] + 1, torch.tensor(20 * 1000 / 16))
+
+
+def test_matcher_rule4_points_to_the_gt_whose_max_it_is():
+    """§2.2 rule 4 for GT 0 (index 0 included): anchor 0 is GT0's best (0.3) although GT1 has
+    0.6 there -> GT0; anchor 1 -> GT1 (its best); anchor 2 (best of none) keeps the argmax."""
+    iou = torch.tensor([[0.3, 0.1, 0.0], [0.6, 0.7, 0.0]])
+    matcher = LowQualityOverrideMatcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
+    matches, labels = matcher(iou)
+    assert matches.tolist() == [0, 1, 0] and labels.tolist() == [1, 1, 0]
