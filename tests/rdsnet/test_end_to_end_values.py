@@ -319,8 +319,8 @@ DETECTIONS = [
     ((2, 2), 0, 3.0, [10.0, 10.0, 29.0, 19.0], _e(0, 0.0), _e(0)),
     # IoU 0.52 with the first at input scale, 9.4 / 19 = 0.495 at the original scale
     ((2, 3), 0, 2.0, [10.0, 10.0, 29.0, 14.2], _e(1, 5.0), _e(1, 5.0)),
-    # decoded left of the image: clipped to the one-pixel column x = 0
-    ((4, 0), 1, 1.0, ("deltas", [-1.0, 0.0, 0.0, 0.0]), _e(2, 0.0), _e(2, 0.0)),
+    # decoded left of and above the image: clipped to the one-pixel column x = 0, y1 = 0
+    ((4, 0), 1, 1.0, ("deltas", [-1.0, -1.0, 0.0, 0.0]), _e(2, 0.0), _e(2, 0.0)),
     # decoded across the bottom-right corner: clipped to x2 = 89, y2 = 59 (inclusive, w - 1)
     ((6, 10), 2, 0.5, ("deltas", [0.5, 0.25, 0.0, 0.0]), _e(0), _e(0, 2.0)),
 ]
@@ -409,7 +409,7 @@ def test_inference_boxes_scores_masks_by_value():
     assert inst.scores.tolist() == pytest.approx(expected_scores, rel=1e-6)
     exported = [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]
     assert torch.allclose(inst.pred_boxes.tensor, torch.tensor(exported), atol=1e-3)
-    assert exported[2] == [0.0, 40.0, 1.0, 103.0]
+    assert exported[2] == [0.0, 0.0, 1.0, 39.0]
     assert exported[3][2:] == pytest.approx([89 * SX + 1, 59 * SY + 1])
 
     soft = _expected_soft_masks(pixel, boxes_out)
