@@ -463,4 +463,6 @@ def test_inference_mbrm_by_value():
         x1, y1, x2, y2 = ref_mbrm(m, box)
         expected.append([x1, y1, min(x2 + 1, OUT_W), min(y2 + 1, OUT_H)])
     assert inst.pred_boxes.tensor.tolist() == expected
+    one, _ = _run(refine=True, opts=["MODEL.RDSNET.DETECTIONS_PER_IMAGE", 1])  # a single box
+    assert one.pred_boxes.tensor.tolist() == expected[:1]
     assert expected != [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]

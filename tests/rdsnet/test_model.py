@@ -158,6 +158,7 @@ def test_no_detections_and_mbrm_config_errors():
     with torch.no_grad():
         inst = model([{"image": torch.rand(3, 64, 96) * 255}])[0]["instances"]
     assert len(inst) == 0 and inst.pred_masks.shape == (0, 64, 96)
+    assert inst.pred_masks.dtype == torch.bool
     with pytest.raises(ValueError, match="MASK_ON"):
         _model(["MODEL.RDSNET.MBRM.ENABLED", True, "MODEL.MASK_ON", False])
     with pytest.raises(ValueError, match="IN_FEATURES"):
