@@ -367,7 +367,8 @@ def _expected_input_boxes():
             pw = ph = 32.0
             gx = (8 * j + 3.5) + target[1][0] * pw
             gy = (8 * i + 3.5) + target[1][1] * ph
-            target = [gx - 0.5 * pw + 0.5, gy - 0.5 * ph + 0.5, gx + 0.5 * pw - 0.5, gy + 0.5 * ph - 0.5]
+            target = [gx - 0.5 * pw + 0.5, gy - 0.5 * ph + 0.5,
+                      gx + 0.5 * pw - 0.5, gy + 0.5 * ph - 0.5]
         x1, y1, x2, y2 = target
         clip_x = lambda v: min(max(v, 0.0), IN_W - 1.0)  # noqa: E731
         clip_y = lambda v: min(max(v, 0.0), IN_H - 1.0)  # noqa: E731
