@@ -161,23 +161,38 @@ def test_converted_tiny_model_runs_and_anchor_orders_agree(tmp_path):
 
 def test_convert_checkpoint_file_in_process(tmp_path):
     """`convert_rdsnet_checkpoint` (the CLI's function, here in-process): reads the upstream
-    file, builds the config's model for the shapes, permutes the predictors for Detectron2's
-    size-major anchors (D2 slot s*3 + r = mmdet slot r*3 + s) and writes {"model": ...}."""
+    file, drops the `mbrm.*` constants, builds the config's model for the shapes, permutes the
+    predictors for Detectron2's size-major anchors (2 ratios x 3 sizes: D2 slot s*2 + r = mmdet
+    slot r*3 + s) and writes {"model": ..., "__author__": ...}."""
     from rdsnet.convert import convert_rdsnet_checkpoint
 
     source = mmdet_source(torchvision.models.resnet18(), c_in=(128, 256, 512), fpn=64, pix=64,
-                          num_classes=3)
+                          num_classes=3, a=6)
     src, dst = tmp_path / "up.pth", tmp_path / "out.pth"
-    torch.save({"meta": {}, "state_dict": source}, str(src))
+    with_mbrm = dict(source, **{"mbrm.weight": torch.zeros(1, 1, 9), "mbrm.bias": torch.zeros(1)})
+    torch.save({"meta": {}, "state_dict": with_mbrm}, str(src))
     cfg = rdsnet_tiny.tiny_cfg(opts=MMDET_ARCH_OPTS + [
-        "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"])
+        "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator",
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0]]])
     counts = convert_rdsnet_checkpoint(cfg, str(src), str(dst))
-    # every key maps (the BN trunk of the tiny config keeps num_batches_tracked)
-    assert counts == {"source": len(source), "converted": len(source)}
-    model = torch.load(str(dst), weights_only=False)["model"]
-    assert len(model) == len(source)
-    up = source["bbox_head.retina_cls.bias"].view(3, 3, 3)  # (ratio, size, class)
-    out = torch.as_tensor(model["head.cls_score.bias"]).view(3, 3, 3)  # (size, ratio, class)
+    # every other key maps (the BN trunk of the tiny config keeps num_batches_tracked)
+    assert counts == {"source": len(source) + 2, "converted": len(source)}
+    saved = torch.load(str(dst), weights_only=False)
+    model = saved["model"]
+    assert len(model) == len(source) and "RDSNet" in saved["__author__"]
+    up = source["bbox_head.retina_cls.weight"].view(2, 3, 3, 64, 3, 3)  # (ratio, size, class)
+    out = torch.as_tensor(model["head.cls_score.weight"]).view(3, 2, 3, 64, 3, 3)  # (size, ratio)
     assert torch.equal(out, up.transpose(0, 1))
     assert torch.equal(torch.as_tensor(model["pixel_stream.out.weight"]),
                        source["mask_head.conv_reps.weight"])
+
+
+def test_permute_needs_whole_anchor_groups_and_shapes_are_optional():
+    """A predictor whose dim 0 is not a multiple of the anchors is an error naming both; without
+    target shapes every known key is converted."""
+    with pytest.raises(ConversionError, match=r"predictor dim 0 \(10\) is not a multiple of 9"):
+        permute_anchor_dim(torch.zeros(10), 3, 3)
+    source = mmdet_source(torchvision.models.resnet18(), c_in=(128, 256, 512), fpn=64, pix=64,
+                          num_classes=3)
+    out = convert_rdsnet_state_dict(source)
+    assert torch.equal(out["head.cls_score.bias"], source["bbox_head.retina_cls.bias"])

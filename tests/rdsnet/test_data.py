@@ -41,3 +41,29 @@ def test_trainer_mapper_converts_rdsnet_boxes(tmp_path):
     cfg = rdsnet_tiny.tiny_cfg(opts=opts + ["MODEL.RDSNET.BOX_PLUS_ONE", False])
     box = build_train_mapper(cfg)(_record(tmp_path))
     assert box["instances"].gt_boxes.tensor[0].tolist() == pytest.approx([25, 10, 75, 30])
+
+
+def test_gt_masks_at_pad_shape_inputs_and_errors():
+    """GT masks as BitMasks, polygons or a raw tensor are zero-padded to the pad shape (bool);
+    no GT gives (0, pad_h, pad_w); instances without masks are a clear error."""
+    import torch
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    from rdsnet.targets import gt_bitmasks_at_pad_shape
+
+    inst = Instances((5, 6))
+    inst.gt_masks = torch.ones(1, 5, 6, dtype=torch.uint8)
+    out = gt_bitmasks_at_pad_shape(inst, (8, 12), "cpu")
+    assert out.dtype == torch.bool and out.shape == (1, 8, 12)
+    assert int(out.sum()) == 30 and bool(out[0, :5, :6].all())
+    inst.gt_masks = PolygonMasks([[[0, 0, 4, 0, 4, 4, 0, 4]]])
+    assert int(gt_bitmasks_at_pad_shape(inst, (8, 12), "cpu").sum()) == 16
+    empty = Instances((5, 6))
+    empty.gt_masks = torch.zeros(0, 5, 6, dtype=torch.bool)
+    out = gt_bitmasks_at_pad_shape(empty, (8, 12), "cpu")
+    assert out.shape == (0, 8, 12) and out.dtype == torch.bool
+    no_masks = Instances((5, 6))
+    no_masks.gt_boxes = Boxes(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"needs 'gt_masks' in the training instances \(a dataset "
+                                         r"with segmentation annotations\)"):
+        gt_bitmasks_at_pad_shape(no_masks, (8, 12), "cpu")

@@ -69,22 +69,23 @@ def ref_valid(grids, pad_h, pad_w):
     return torch.tensor(out)
 
 
-def ref_iou(a, b):
-    """"+1" IoU of two inclusive boxes."""
-    iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+def ref_iou(a, b, plus=1):
+    """"+1" IoU of two inclusive boxes (``plus=0``: continuous boxes, no "+1")."""
+    iw = min(a[2], b[2]) - max(a[0], b[0]) + plus
+    ih = min(a[3], b[3]) - max(a[1], b[1]) + plus
     inter = max(iw, 0.0) * max(ih, 0.0)
-    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)  # noqa: E731
+    area = lambda x: (x[2] - x[0] + plus) * (x[3] - x[1] + plus)  # noqa: E731
     return inter / (area(a) + area(b) - inter)
 
 
-def ref_assign(anchors, valid, gts):
+def ref_assign(anchors, valid, gts, plus=1):
     """mmdet MaxIoUAssigner (neg < 0.4, pos >= 0.5, every anchor at a GT's max -> that GT).
 
     Returns labels (-1 ignore / invalid, 0 negative, 1 positive) and the assigned GT."""
     n = len(anchors)
     labels, assigned = [-1] * n, [-1] * n
-    ious = [[ref_iou(g, a.tolist()) if valid[k] else 0.0 for k, a in enumerate(anchors)] for g in gts]
+    ious = [[ref_iou(g, a.tolist(), plus) if valid[k] else 0.0 for k, a in enumerate(anchors)]
+            for g in gts]
     for k in range(n):
         if not valid[k]:
             continue
@@ -102,10 +103,10 @@ def ref_assign(anchors, valid, gts):
     return labels, assigned
 
 
-def ref_encode(anchor, gt):
-    """mmdet bbox2delta with "+1" widths."""
-    pw, ph = anchor[2] - anchor[0] + 1, anchor[3] - anchor[1] + 1
-    gw, gh = gt[2] - gt[0] + 1, gt[3] - gt[1] + 1
+def ref_encode(anchor, gt, plus=1):
+    """mmdet bbox2delta with "+1" widths (``plus=0``: Detectron2's widths x2 - x1)."""
+    pw, ph = anchor[2] - anchor[0] + plus, anchor[3] - anchor[1] + plus
+    gw, gh = gt[2] - gt[0] + plus, gt[3] - gt[1] + plus
     px, py = (anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2
     gx, gy = (gt[0] + gt[2]) / 2, (gt[1] + gt[3]) / 2
     return [(gx - px) / pw, (gy - py) / ph, math.log(gw / pw), math.log(gh / ph)]
@@ -123,15 +124,15 @@ def ref_smooth_l1(x, beta=0.11):
     return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
 
 
-def ref_crop_range(lo, hi, size, padding):
+def ref_crop_range(lo, hi, size, padding, plus=1):
     """§1.5 along one axis: pad = max(padding (hi - lo + 1), 1); [int(lo - pad), int(hi + pad))."""
-    pad = max(padding * (hi - lo + 1), 1.0)
+    pad = max(padding * (hi - lo + plus), 1.0)
     return int(max(lo - pad, 0.0)), int(min(hi + pad, float(size)))
 
 
-def ref_crop(box, h, w, padding):
-    x1, x2 = ref_crop_range(box[0], box[2], w, padding)
-    y1, y2 = ref_crop_range(box[1], box[3], h, padding)
+def ref_crop(box, h, w, padding, plus=1):
+    x1, x2 = ref_crop_range(box[0], box[2], w, padding, plus)
+    y1, y2 = ref_crop_range(box[1], box[3], h, padding, plus)
     m = torch.zeros(h, w, dtype=torch.bool)
     m[y1:y2, x1:x2] = True
     return m
@@ -176,9 +177,9 @@ def _rect(h, w, y1, y2, x1, x2):
 
 
 def _training_batch():
-    """Image A 64x64 (one GT, a mask with a 3-of-4 and a 2-of-4 stride-4 block), image B
-    64x32 (one GT; half of the 64x64 batch tensor is its collation padding) and image C 64x64
-    without objects (all anchors negative; it adds max(0, 1) = 1 to the normaliser)."""
+    """Image A 64x64 (one GT, a mask with a 3-of-4 and a 2-of-4 stride-4 block), image C 64x64
+    without objects (all anchors negative; it adds max(0, 1) = 1 to the normaliser) and image B
+    64x32 (one GT; half of the 64x64 batch tensor is its collation padding)."""
     mask_a = _rect(64, 64, 4, 36, 12, 44)
     mask_a[5, 13] = False  # block (1, 3) keeps 3 of 4: foreground
     mask_a[9, 13] = mask_a[10, 14] = False  # block (2, 3) keeps 2 of 4: background
@@ -192,10 +193,10 @@ def _training_batch():
     b = _instances(64, 32, [2, 20, 30, 52], 2, mask_b)
     return [
         {"image": torch.rand(3, 64, 64) * 255, "instances": a},
-        {"image": torch.rand(3, 64, 32) * 255, "instances": b},
         {"image": torch.rand(3, 64, 64) * 255, "instances": empty},
-    ], [([12, 4, 43, 35], 1, mask_a, (64, 64)), ([2, 20, 29, 51], 2, mask_b, (64, 32)),
-        (None, None, None, (64, 64))]
+        {"image": torch.rand(3, 64, 32) * 255, "instances": b},
+    ], [([12, 4, 44, 36], 1, mask_a, (64, 64)), (None, None, None, (64, 64)),
+        ([2, 20, 30, 52], 2, mask_b, (64, 32))]
 
 
 CLS_LOGIT = -1.0
@@ -215,7 +216,8 @@ def _constant_predictions(model, margin):
         model.pixel_stream.out.bias[0] = 1.0
 
 
-def _expected_losses(images, margin):
+def _expected_losses(images, margin, plus=1, gamma=2.0):
+    """References of the three losses; GT boxes continuous, internally x2 - plus, y2 - plus."""
     grids = ref_grids(64, 64)
     anchors = ref_anchors(grids)
     cls_sum = box_sum = 0.0
@@ -227,16 +229,18 @@ def _expected_losses(images, margin):
         ce_neg = 0.0
     for box, cls, mask, (h, w) in images:
         pad_h, pad_w = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
-        labels, _ = ref_assign(anchors, ref_valid(grids, pad_h, pad_w), [box] if box else [])
+        if box is not None:
+            box = [box[0], box[1], box[2] - plus, box[3] - plus]
+        labels, _ = ref_assign(anchors, ref_valid(grids, pad_h, pad_w), [box] if box else [], plus)
         n_pos = labels.count(1)
         normaliser += max(n_pos, 1)
         for k, lab in enumerate(labels):
             if lab < 0:
                 continue
             for c in range(K):
-                cls_sum += ref_focal(CLS_LOGIT, lab == 1 and c == cls)
+                cls_sum += ref_focal(CLS_LOGIT, lab == 1 and c == cls, gamma=gamma)
             if lab == 1:
-                t = ref_encode(anchors[k].tolist(), box)
+                t = ref_encode(anchors[k].tolist(), box, plus)
                 box_sum += sum(ref_smooth_l1(DELTA[j] - t[j]) for j in range(4))
         if box is None:
             continue
@@ -244,7 +248,7 @@ def _expected_losses(images, margin):
         padded = torch.zeros(pad_h, pad_w, dtype=torch.bool)
         padded[:h, :w] = mask
         targets = ref_stride4_targets(padded)
-        crop = ref_crop([v / 4 for v in box], pad_h // 4, pad_w // 4, 0.25)
+        crop = ref_crop([v / 4 for v in box], pad_h // 4, pad_w // 4, 0.25, plus)
         targets[~crop] = -1
         mask_terms += n_pos * ref_instance_mask_loss(targets, ce_pos, ce_neg)
         sampled += n_pos
@@ -255,18 +259,20 @@ def _expected_losses(images, margin):
     }
 
 
-@pytest.mark.parametrize("margin", [0.5, -30.0])
-def test_training_losses_by_value(margin):
+@pytest.mark.parametrize("margin, plus_one", [(0.5, True), (-30.0, True), (0.5, False)])
+def test_training_losses_by_value(margin, plus_one):
     """§2.3-§2.5: loss_cls / loss_box_reg = sums over counted / positive anchors divided by
     sum_i max(#pos_i, 1); loss_mask = per-instance OHEM losses / (#sampled + 1). With margin
-    -30 the background CE saturates to 0 and the authors' ranking keeps fewer negatives."""
-    model = _model()
+    -30 the background CE saturates to 0 and the authors' ranking keeps fewer negatives.
+    ``BOX_PLUS_ONE: False`` (Detectron2's box conventions) is checked with focal gamma 1.5."""
+    gamma = 2.0 if plus_one else 1.5
+    model = _model(["MODEL.RDSNET.BOX_PLUS_ONE", plus_one, "MODEL.RDSNET.FOCAL_LOSS_GAMMA", gamma])
     _constant_predictions(model, margin)
     batch, images = _training_batch()
     model.train()
     with EventStorage(0):
         losses = model(batch)
-    expected = _expected_losses(images, margin)
+    expected = _expected_losses(images, margin, plus=int(plus_one), gamma=gamma)
     for name, value in expected.items():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
 
@@ -281,12 +287,13 @@ def test_training_reference_is_not_degenerate():
     valid_b = ref_valid(grids, 64, 32)
     assert int((~valid_b).sum()) == 86 - 44
     _, images = _training_batch()
-    labels, _ = ref_assign(anchors, ref_valid(grids, 64, 64), [images[0][0]])
+    box_a = [12, 4, 43, 35]  # inclusive
+    labels, _ = ref_assign(anchors, ref_valid(grids, 64, 64), [box_a])
     assert labels.count(1) > 1
     padded = images[0][2]
     targets = ref_stride4_targets(padded)
     assert int(targets.sum()) == 8 * 8 - 1
-    crop = ref_crop([v / 4 for v in images[0][0]], 16, 16, 0.25)
+    crop = ref_crop([v / 4 for v in box_a], 16, 16, 0.25)
     assert int(crop.sum()) == 120 and int(((targets == 0) & crop).sum()) < int(targets.sum())
     targets[~crop] = -1
     with_ties = ref_instance_mask_loss(targets, 30.0, 0.0)
@@ -312,8 +319,8 @@ DETECTIONS = [
     ((2, 2), 0, 3.0, [10.0, 10.0, 29.0, 19.0], _e(0, 0.0), _e(0)),
     # IoU 0.52 with the first at input scale, 9.4 / 19 = 0.495 at the original scale
     ((2, 3), 0, 2.0, [10.0, 10.0, 29.0, 14.2], _e(1, 5.0), _e(1, 5.0)),
-    # decoded left of the image: clipped to the one-pixel column x = 0
-    ((4, 0), 1, 1.0, ("deltas", [-1.0, 0.0, 0.0, 0.0]), _e(2, 0.0), _e(2, 0.0)),
+    # decoded left of and above the image: clipped to the one-pixel column x = 0, y1 = 0
+    ((4, 0), 1, 1.0, ("deltas", [-1.0, -1.0, 0.0, 0.0]), _e(2, 0.0), _e(2, 0.0)),
     # decoded across the bottom-right corner: clipped to x2 = 89, y2 = 59 (inclusive, w - 1)
     ((6, 10), 2, 0.5, ("deltas", [0.5, 0.25, 0.0, 0.0]), _e(0), _e(0, 2.0)),
 ]
@@ -360,7 +367,8 @@ def _expected_input_boxes():
             pw = ph = 32.0
             gx = (8 * j + 3.5) + target[1][0] * pw
             gy = (8 * i + 3.5) + target[1][1] * ph
-            target = [gx - 0.5 * pw + 0.5, gy - 0.5 * ph + 0.5, gx + 0.5 * pw - 0.5, gy + 0.5 * ph - 0.5]
+            target = [gx - 0.5 * pw + 0.5, gy - 0.5 * ph + 0.5,
+                      gx + 0.5 * pw - 0.5, gy + 0.5 * ph - 0.5]
         x1, y1, x2, y2 = target
         clip_x = lambda v: min(max(v, 0.0), IN_W - 1.0)  # noqa: E731
         clip_y = lambda v: min(max(v, 0.0), IN_H - 1.0)  # noqa: E731
@@ -402,7 +410,7 @@ def test_inference_boxes_scores_masks_by_value():
     assert inst.scores.tolist() == pytest.approx(expected_scores, rel=1e-6)
     exported = [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]
     assert torch.allclose(inst.pred_boxes.tensor, torch.tensor(exported), atol=1e-3)
-    assert exported[2] == [0.0, 40.0, 1.0, 103.0]
+    assert exported[2] == [0.0, 0.0, 1.0, 39.0]
     assert exported[3][2:] == pytest.approx([89 * SX + 1, 59 * SY + 1])
 
     soft = _expected_soft_masks(pixel, boxes_out)
@@ -456,4 +464,6 @@ def test_inference_mbrm_by_value():
         x1, y1, x2, y2 = ref_mbrm(m, box)
         expected.append([x1, y1, min(x2 + 1, OUT_W), min(y2 + 1, OUT_H)])
     assert inst.pred_boxes.tensor.tolist() == expected
+    one, _ = _run(refine=True, opts=["MODEL.RDSNET.DETECTIONS_PER_IMAGE", 1])  # a single box
+    assert one.pred_boxes.tensor.tolist() == expected[:1]
     assert expected != [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]

@@ -101,7 +101,8 @@ def test_sigma_has_no_plus_one(mbrm):
     (columns 30..89). At x1 = 24 the evidence is the bias alone (profile zero over 20..28):
     0.12416 x prior 1; at the true edge 29: 0.6741 x exp(-5^2 / (2 * 2.7^2)) = 0.1213 < 0.12416,
     so x1 stays 24. With a "+1" width (sigma 2.75) the edge would move to 29."""
-    assert 0.6741 * math.exp(-25 / (2 * 2.7 ** 2)) < 0.12416 < 0.6741 * math.exp(-25 / (2 * 2.75 ** 2))
+    at_edge = [0.6741 * math.exp(-25 / (2 * s ** 2)) for s in (2.7, 2.75)]
+    assert at_edge[0] < 0.12416 < at_edge[1]
     out = mbrm.get_boxes(_mask(), torch.tensor([[24.0, 20.0, 78.0, 59.0]]), torch.ones(1))
     assert out[0, 0].item() == 24
 
@@ -115,3 +116,9 @@ def test_each_distribution_row_sums_to_one_and_single_box(mbrm):
         assert torch.allclose(d.sum(dim=1), torch.ones(2), atol=1e-5)
     one = mbrm.refine_from_profiles(masks[1:].amax(1), masks[1:].amax(2), boxes[1:])
     assert one.tolist() == [[29, 19, 90, 60]]
+
+
+def test_defaults_are_the_authors():
+    """MBRM() uses gamma 0.05 and the 9-tap kernel (mbrm_cfg of the refine configs)."""
+    default = MBRM()
+    assert default.gamma == 0.05 and default.weight.shape == (1, 1, 9)

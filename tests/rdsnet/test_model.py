@@ -75,6 +75,9 @@ def test_tiny_masks_are_dropped(monkeypatch):
     assert torch.isfinite(sum(losses.values()))
     _losses(model, [_sample(boxes=((30, 30, 41, 40),))])  # 110 px: sampled
     assert len(calls) == 1
+    # an image whose masks are all dropped does not stop the next image's mask loss
+    _losses(model, [_sample(boxes=((30, 30, 40, 40),)), _sample(boxes=((30, 30, 41, 40),))])
+    assert len(calls) == 2
 
 
 def test_at_most_masks_to_train_positives(monkeypatch):
@@ -103,6 +106,8 @@ def test_batch_padding_anchors_are_invalid():
     assert bool(level0[:, :4].all()) and not bool(level0[:, 4:].any())
     level1 = flags[48:].view(2, 3, 2)
     assert bool(level1[:, :2].all()) and not bool(level1[:, 2:].any())
+    rows = anchor_valid_flags(grid, [8, 16], [2, 2], (16, 48), "cpu")[:48].view(4, 6, 2)
+    assert bool(rows[:2].all()) and not bool(rows[2:].any())  # ceil(16 / 8) = 2 rows
 
 
 @pytest.mark.parametrize("refine", [False, True])
@@ -153,6 +158,7 @@ def test_no_detections_and_mbrm_config_errors():
     with torch.no_grad():
         inst = model([{"image": torch.rand(3, 64, 96) * 255}])[0]["instances"]
     assert len(inst) == 0 and inst.pred_masks.shape == (0, 64, 96)
+    assert inst.pred_masks.dtype == torch.bool
     with pytest.raises(ValueError, match="MASK_ON"):
         _model(["MODEL.RDSNET.MBRM.ENABLED", True, "MODEL.MASK_ON", False])
     with pytest.raises(ValueError, match="IN_FEATURES"):

@@ -275,3 +275,47 @@ def test_mask_loss_ratio_scales_kept_negatives():
     logits, target = _tiny_example()
     assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 13))
     assert torch.isclose(instance_mask_losses(logits, target, 0.5)[0], torch.tensor(6 * LN2 / 7))
+
+
+def test_mask_loss_negatives_capped_at_all_pixels_but_one():
+    """num_neg = min(ratio n_pos, h w - 1): 12 positives (rows 0-2, CE ln 2), 4 saturated
+    negatives (row 3, CE 0), ratio 2 -> 15 ranks kept in pixel order: 3 negatives, so the
+    loss is 12 ln2 / (12 + 3 + 1)."""
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 0, 3] = 30.0
+    target = torch.ones(1, 4, 4, dtype=torch.long)
+    target[0, 3] = 0
+    assert torch.isclose(instance_mask_losses(logits, target, 2.0)[0], torch.tensor(12 * LN2 / 16))
+
+
+def test_gt_mask_downsampling_empty_non_square():
+    """No masks: an empty bool (0, H/4, W/4) map."""
+    out = downsample_gt_masks(torch.zeros(0, 8, 12))
+    assert out.shape == (0, 2, 3) and out.dtype == torch.bool
+
+
+def test_crop_without_plus_one():
+    """BOX_PLUS_ONE False: padding is a fraction of x2 - x1. Box [10, 5, 29, 24], padding 0.25:
+    pad 4.75 -> x [5, 33), y [0, 28): 784 pixels (841 with the "+1" width)."""
+    m = crop_mask(torch.tensor([[10.0, 5.0, 29.0, 24.0]]), 50, 60, 0.25, plus_one=False)[0]
+    cols, rows = m.any(0).nonzero()[:, 0], m.any(1).nonzero()[:, 0]
+    assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (5, 33, 0, 28)
+    assert int(m.sum()) == 784
+
+
+def test_box_coder_clamps_both_directions():
+    """§1.2: dw and dh are clamped to +-4.1352 on both sides (w x 16/1000, h x 1000/16)."""
+    coder = Box2BoxTransformPlusOne((1.0, 1.0, 1.0, 1.0), scale_clamp=math.log(1000 / 16))
+    anchor = torch.tensor([[0.0, 0.0, 9.0, 19.0]])
+    out = coder.apply_deltas(torch.tensor([[0.0, 0.0, -10.0, 10.0]]), anchor)[0]
+    assert torch.isclose(out[2] - out[0] + 1, torch.tensor(10 * 16 / 1000))
+    assert torch.isclose(out[3] - out[1] + 1, torch.tensor(20 * 1000 / 16))
+
+
+def test_matcher_rule4_points_to_the_gt_whose_max_it_is():
+    """§2.2 rule 4 for GT 0 (index 0 included): anchor 0 is GT0's best (0.3) although GT1 has
+    0.6 there -> GT0; anchor 1 -> GT1 (its best); anchor 2 (best of none) keeps the argmax."""
+    iou = torch.tensor([[0.3, 0.1, 0.0], [0.6, 0.7, 0.0]])
+    matcher = LowQualityOverrideMatcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
+    matches, labels = matcher(iou)
+    assert matches.tolist() == [0, 1, 0] and labels.tolist() == [1, 1, 0]
