@@ -21,7 +21,8 @@ SUITE_TIMEOUT=${SUITE_TIMEOUT:-300}
 AMP_TIMEOUT=${AMP_TIMEOUT:-150}
 LAUNCH_TIMEOUT=${LAUNCH_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
-BENCH_ITERS=${BENCH_ITERS:-"--iters 10 --warmup 3"}
+BENCH_EVAL=${BENCH_EVAL:-"--iters 10 --warmup 3 --flops"}
+BENCH_TRAIN=${BENCH_TRAIN:-"--iters 5 --warmup 2"}
 WORKERS=${WORKERS:-8}
 STEPS=${STEPS:-"suite amp launch bench"}
 mkdir -p "$OUT"
@@ -86,9 +87,10 @@ if [ -n "$SUITE_PID" ]; then
 fi
 
 case " $STEPS " in *" bench "*)
-  B="$PY tools/benchmark.py --size 800 1333 $BENCH_ITERS --flops --allow-unequal-work"
   C=configs
   for task in eval train; do
+    if [ "$task" = eval ]; then args=$BENCH_EVAL; else args=$BENCH_TRAIN; fi
+    B="$PY tools/benchmark.py --size 800 1333 $args --allow-unequal-work"
     step "bench_rcnn_$task" "$BENCH_TIMEOUT" $B --task "$task" --json "$OUT/bench_rcnn_$task.json" \
       --label faster_rcnn dynamic_rcnn tsd decoupled_rcnn --config-file \
       $C/baselines/faster_rcnn_R_50_FPN_1x.yaml $C/dynamic_rcnn/dynamic_rcnn_R_50_FPN_1x.yaml \
