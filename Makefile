@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test demo clean-demo mutation
 
 setup: $(STAMP)
 
@@ -36,3 +36,9 @@ demo: setup
 	$(PY) tools/demo.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml \
 		--input "$$($(PY) -c 'import projects; print(projects.shapes_image_glob("shapes_val"))')" \
 		--output $(DEMO_OUT)/vis --max-images 8 --confidence-threshold 0.3 --opts MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
+
+# Mutation testing of one method package's core modules (not part of `make test`; scope in
+# tests/mutation/<package>.cfg, results in tests/MUTATION.md), e.g. `make mutation PKG=rdsnet`.
+PKG ?=
+mutation: setup
+	PYTHON=$(abspath $(PY)) bash tools/mutation.sh $(PKG)
