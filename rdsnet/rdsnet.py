@@ -14,7 +14,7 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, ImageList, Instances
-from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
+from fvcore.nn import sigmoid_focal_loss, smooth_l1_loss
 from torch import nn
 
 from .box_ops import (
@@ -298,8 +298,11 @@ class RDSNet(nn.Module):
             cls_target[i, rows, cls_i[rows]] = 1.0
             gt_boxes_all.append(boxes[matches[i]])
         counted = labels >= 0
+        # fvcore's eager focal loss, not its TorchScript twin: the scripted function is
+        # re-optimised after its first calls in a process, with other float rounding, so a run
+        # resumed in a new process would not continue bit for bit.
         loss_cls = (
-            sigmoid_focal_loss_jit(
+            sigmoid_focal_loss(
                 logits[counted],
                 cls_target[counted],
                 alpha=self.focal_loss_alpha,

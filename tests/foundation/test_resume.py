@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import projects
-from projects.engine import argument_parser, main
+from projects.engine import argument_parser
 from projects.testing import TINY_RCNN_OPTS, TINY_RESNET_OPTS, repo_root
 
 from .conftest import QUICKSTART, cli_opts
@@ -57,8 +57,12 @@ def _args(config, opts, out, *flags):
             *cli_opts(opts + SMALL), "OUTPUT_DIR", str(out)]
 
 
-def _train_in_process(argv):
-    main(argument_parser().parse_args(argv))
+def _train(argv):
+    """`train_net.py argv` in a fresh interpreter, as a user runs it. Every run of these tests
+    is its own process: TorchScript functions in the losses (fvcore's focal loss) specialise
+    after their first calls, and an interpreter that already ran other models can give other
+    float results than a fresh one."""
+    return _run_script(os.path.join(repo_root(), "train_net.py"), argv, 0)
 
 
 def _run_script(script, argv, returncode, **env):
@@ -97,7 +101,7 @@ def _assert_identical(resumed, reference):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_kill_9_then_resume_equals_uninterrupted_run(family, tmp_path):
     config, opts = FAMILIES[family]
-    _train_in_process(_args(config, opts, tmp_path / "reference"))
+    _train(_args(config, opts, tmp_path / "reference"))
 
     run = tmp_path / "run"
     _train_killed(_args(config, opts, run), KILL_AFTER_ITER=str(KILL_AFTER))
@@ -105,7 +109,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(family, tmp_path):
     assert (run / "last_checkpoint").read_text() == "model_0000007.pth"
     at_kill = torch.load(run / "model_0000007.pth", weights_only=True)
 
-    _train_in_process(_args(config, opts, run, "--resume"))
+    _train(_args(config, opts, run, "--resume"))
     resumed, reference = _final(run), _final(tmp_path / "reference")
     _assert_identical(resumed, reference)
     moved = [k for k, v in reference["model"].items()
@@ -128,7 +132,7 @@ QUICKSTART_NAME = "quickstart/mask_rcnn_R_18_FPN_shapes.yaml"
 def quickstart_reference(tmp_path_factory):
     """`model_final.pth` of the uninterrupted quickstart run (loader in the main process)."""
     out = tmp_path_factory.mktemp("quickstart_reference")
-    _train_in_process(_args(QUICKSTART_NAME, RCNN, out))
+    _train(_args(QUICKSTART_NAME, RCNN, out))
     return _final(out)
 
 
@@ -138,7 +142,7 @@ def test_loader_workers_resume_exactly(tmp_path, quickstart_reference):
     opts = RCNN + ["DATALOADER.NUM_WORKERS", 1]
     run = tmp_path / "run"
     _train_killed(_args(QUICKSTART_NAME, opts, run), KILL_AFTER_ITER=str(KILL_AFTER))
-    _train_in_process(_args(QUICKSTART_NAME, opts, run, "--resume"))
+    _train(_args(QUICKSTART_NAME, opts, run, "--resume"))
     _assert_identical(_final(run), quickstart_reference)
 
 
@@ -155,7 +159,7 @@ def test_kill_while_writing_a_checkpoint(victim, tmp_path, quickstart_reference)
     leftovers = [f for f in os.listdir(run) if f.endswith(".tmp")]
     assert len(leftovers) == 1  # the half-written temporary file
 
-    _train_in_process(_args(QUICKSTART_NAME, RCNN, run, "--resume"))
+    _train(_args(QUICKSTART_NAME, RCNN, run, "--resume"))
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
     _assert_identical(_final(run), quickstart_reference)
 
