@@ -1,4 +1,4 @@
-"""Per-stage box coders of Decoupled R-CNN (spec §1.3, §1.4, §3).
+"""Per-stage box coders of Decoupled R-CNN.
 
 Each regression stage encodes its targets with mmdet's ``DeltaXYWHBBoxCoder`` (means 0,
 stds s); in Detectron2 terms this is ``Box2BoxTransform(weights=1/s)``. mmdet clamps the

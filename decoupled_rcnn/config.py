@@ -16,7 +16,7 @@ def add_decoupled_rcnn_config(cfg):
     cfg.MODEL.DECOUPLED_RCNN = CN()
     _C = cfg.MODEL.DECOUPLED_RCNN
     # RPN NMS IoU threshold of the *regression* proposal set, used in training only (the
-    # classification set uses MODEL.RPN.NMS_THRESH = 0.7). Spec §1.1: mmdet nms_thr=(0.7, 0.85).
+    # classification set uses MODEL.RPN.NMS_THRESH = 0.7). The authors' config: nms_thr=(0.7, 0.85).
     _C.RPN_NMS_THRESH_REG = 0.85
     # Proposals kept per image in the regression set after NMS (training only).
     _C.RPN_POST_NMS_TOPK_REG_TRAIN = 1000
@@ -42,7 +42,7 @@ def add_decoupled_rcnn_config(cfg):
     _C.REFINE_LOSS_NORMALIZER = 2.0
     # Weight init of the 2-FC towers: "xavier_uniform" (mmdet xavier_init, bias 0; the authors'
     # stage-0 towers), "c2_xavier" (Detectron2's default), or "pytorch_default" (nn.Linear's own
-    # init; the authors' refine towers, whose custom init never runs, spec §2.7).
+    # init; the authors' refine towers, whose custom init never runs).
     _C.TOWER_INIT = "xavier_uniform"
     # FPN conv init of the `DecoupledRCNN` meta-architecture: "xavier_uniform" (mmdet
     # xavier_init, bias 0; the authors') or "c2_xavier" (Detectron2's FPN default). Models
@@ -54,6 +54,6 @@ def add_decoupled_rcnn_config(cfg):
     _C.TEST_NMS_TYPE = "nms"
     # Soft-NMS: detections whose decayed score drops below this are discarded.
     _C.SOFT_NMS_MIN_SCORE = 0.001
-    # mmcv 1.1.2 `batched_nms` quirk (spec §3 step 6): with at least this many (box, class)
+    # mmcv 1.1.2 `batched_nms` quirk: with at least this many (box, class)
     # candidates, soft-NMS keeps the *original* scores and ranks by them. 0 disables the quirk.
     _C.SOFT_NMS_SPLIT_THRESH = 10000

@@ -1,4 +1,4 @@
-"""Convert the authors' mmdetection v2.4 Decoupled R-CNN checkpoints (spec §7) to this package.
+"""Convert the authors' mmdetection v2.4 Decoupled R-CNN checkpoints to this package.
 
 Whole detector (``decoupled_refine_rcnn_*_fpn_2x_coco.pth``; ``state_dict`` of mmdet's
 ``TwoStageDetector``):
@@ -53,7 +53,7 @@ __all__ = [
     "mmdet_to_d2_key",
 ]
 
-# Spec §9.4: 12 stage-0 tensors + 6 per refine stage.
+# 12 stage-0 tensors + 6 per refine stage.
 ROI_HEAD_TENSORS = 24
 
 _BN = r"(weight|bias|running_mean|running_var)"

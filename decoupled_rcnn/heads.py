@@ -1,4 +1,4 @@
-"""Box towers and predictors of Decoupled R-CNN (spec §1.3, §1.4, §2.3, §2.5).
+"""Box towers and predictors of Decoupled R-CNN.
 
 * `DecoupledFCHead`: a 2-FC tower (Linear + ReLU, twice) on the flattened (C, 7, 7) RoI feature;
   stage 0 has two unshared ones (classification, regression), every refine stage one.
@@ -29,7 +29,7 @@ TEST_NMS_TYPES = ("nms", "soft_nms_linear")
 
 
 class DecoupledFCHead(FastRCNNConvFCHead):
-    """`FastRCNNConvFCHead` with the authors' FC initialisation (spec §2.7).
+    """`FastRCNNConvFCHead` with the authors' FC initialisation.
 
     Input (R, C, H, W) RoI features, output (R, FC_DIM) after the last FC + ReLU. Modules
     ``fc1``, ``fc2`` (mmdet ``cls_fcs.{0,1}`` / ``reg_fcs.{0,1}``).
@@ -131,7 +131,7 @@ class DecoupledOutputLayers(FastRCNNOutputLayers):
         return self.cls_score(x_cls.flatten(1)), self.bbox_pred(x_reg.flatten(1))
 
     def losses(self, predictions, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
-        """Stage-0 losses (spec §2.3).
+        """Stage-0 losses.
 
         * ``loss_cls``: softmax CE over the classification rows, divided by their number.
         * ``loss_box_reg_s0``: L1 (``smooth_l1_beta`` 0) between the GT-class deltas and the
@@ -181,7 +181,7 @@ class DecoupledOutputLayers(FastRCNNOutputLayers):
         scores: List[torch.Tensor],
         image_shapes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        """Score threshold, per-class NMS or linear soft-NMS, and top-k (spec §3 step 6).
+        """Score threshold, per-class NMS or linear soft-NMS, and top-k.
 
         Args:
             boxes: per image, (R_i, 4) class-agnostic final boxes (shared by all classes).
@@ -250,7 +250,7 @@ class RefineOutputLayers(FastRCNNOutputLayers):
         return self.bbox_pred(x.flatten(1))
 
     def losses(self, predictions: torch.Tensor, proposals: List[Instances]):
-        """L1 on the positive rows divided by ``loss_normalizer * R`` (spec §2.5), times the
+        """L1 on the positive rows divided by ``loss_normalizer * R``, times the
         stage weight.
 
         Args:

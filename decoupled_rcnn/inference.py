@@ -1,4 +1,4 @@
-"""Soft-NMS post-processing of the multi-scale Decoupled R-CNN rows (spec §3 step 6, §9.18–19).
+"""Soft-NMS post-processing of the multi-scale Decoupled R-CNN rows.
 
 mmdet's ``multiclass_nms`` with ``nms=dict(type='soft_nms', iou_threshold=0.5, min_score=1e-3)``
 on class-agnostic boxes: every (box, class) pair with score > ``score_thresh`` is a candidate,

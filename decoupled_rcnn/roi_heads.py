@@ -1,6 +1,6 @@
-"""`DecoupledROIHeads`: decoupled sampling and cascaded regression (spec §1.3–§1.5, §2, §3).
+"""`DecoupledROIHeads`: decoupled sampling and cascaded regression.
 
-Training, per image (spec §1.6):
+Training, per image:
 
 * classification samples: the NMS-0.7 proposal set + GT, matched at IoU 0.5, 512 RoIs with at
   most 25 % positives (Detectron2's `label_and_sample_proposals`);
@@ -40,7 +40,7 @@ __all__ = ["DecoupledROIHeads", "build_stage0_rows", "refine_positive_boxes"]
 def build_stage0_rows(
     cls_samples: List[Instances], reg_samples: List[Instances]
 ) -> List[Instances]:
-    """Concatenate, per image, the classification rows and the regression rows (spec §2.3).
+    """Concatenate, per image, the classification rows and the regression rows.
 
     Args:
         cls_samples: per image, classification samples with ``proposal_boxes``, ``gt_classes``
@@ -79,7 +79,7 @@ def refine_positive_boxes(
     image_sizes: Sequence[Tuple[int, int]],
     num_classes: int,
 ) -> List[Instances]:
-    """Proposals of the next regression stage (spec §2.4): decode the positive rows, keep the
+    """Proposals of the next regression stage: decode the positive rows, keep the
     negative rows unchanged, drop every other row (classification rows).
 
     Args:
@@ -313,7 +313,7 @@ class DecoupledROIHeads(StandardROIHeads):
         storage.put_scalar(f"decoupled_rcnn/num_reg_pos_s{stage}", num / len(labels))
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        """Inference (spec §3): per image ``Instances`` with ``pred_boxes``, ``scores``,
+        """Inference: per image ``Instances`` with ``pred_boxes``, ``scores``,
         ``pred_classes``.
 
         Args:

@@ -1,4 +1,4 @@
-"""RPN with two NMS thresholds in training (spec §1.1, §2.1, §8.1).
+"""RPN with two NMS thresholds in training.
 
 During training the same pre-NMS candidate pool (per-level top ``PRE_NMS_TOPK_TRAIN``, decoded
 and clipped) goes through per-level NMS twice: at ``MODEL.RPN.NMS_THRESH`` (0.7) it gives the

@@ -1,4 +1,4 @@
-"""Regression-branch sampling of Decoupled R-CNN (spec §2.2, §2.5).
+"""Regression-branch sampling of Decoupled R-CNN.
 
 The classification branch uses Detectron2's own matching and `subsample_labels`
 (`ROIHeads.label_and_sample_proposals`: 512 RoIs, 25 % positives, GT appended). The regression

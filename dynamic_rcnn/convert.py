@@ -1,4 +1,4 @@
-"""Convert released Dynamic R-CNN checkpoints to this package's Detectron2 layout (spec §6b).
+"""Convert released Dynamic R-CNN checkpoints to this package's Detectron2 layout.
 
 All released models are plain Faster R-CNN FPN (2fc box head); the dynamic state is not part
 of any upstream checkpoint (a converted model starts from INITIAL_IOU / INITIAL_BETA, which only

@@ -1,4 +1,4 @@
-"""Matcher for dynamic label assignment (paper §3.1, spec §2.1).
+"""Matcher for dynamic label assignment (paper §3.1).
 
 One mutable threshold T_now: a proposal is foreground iff its max IoU with the GT boxes is
 ``>= T_now`` (label 1), background otherwise (label 0). There is no ignore band and no

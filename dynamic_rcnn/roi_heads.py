@@ -2,7 +2,7 @@
 
 Paper: Zhang et al., "Dynamic R-CNN", ECCV 2020, §3.1 (DLA) and §3.2 (DSL), Algorithm 1.
 
-Per training iteration (spec §6.2):
+Per training iteration:
 1. the matcher labels proposals with the current threshold T_now (IoU >= T_now is foreground);
 2. the box loss is SmoothL1 with the current beta_now (``box_predictor.smooth_l1_beta``);
 3. the IoU statistic I_k and the beta statistic E_k of this batch are recorded in

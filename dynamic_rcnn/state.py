@@ -1,6 +1,6 @@
 """Training state of Dynamic R-CNN: the windows S_I, S_E and the values T_now, beta_now.
 
-Paper Algorithm 1 / spec §2.3, §3.3, §4: every training iteration appends one IoU statistic to
+Paper Algorithm 1: every training iteration appends one IoU statistic to
 S_I and (when there were positives) one beta statistic to S_E; every C iterations
 
     T_now    = max(mean(S_I), IOU_FLOOR)                    (keep T_now if S_I is empty)
@@ -187,7 +187,7 @@ class DynamicTrainingState(nn.Module):
     # ------------------------------------------------------------------ window update
     @torch.no_grad()
     def update(self) -> None:
-        """Window update of T_now and beta_now (spec §2.3, §3.3), then clear the windows."""
+        """Window update of T_now and beta_now, then clear the windows."""
         if self.sync:
             ious = torch.cat(
                 [self.iou_window[r, : self.iou_count[r]] for r in range(self.world_size)]
@@ -213,7 +213,7 @@ class DynamicTrainingState(nn.Module):
         self.beta_count.zero_()
 
     def _new_threshold(self, window: torch.Tensor, old: torch.Tensor) -> float:
-        """T = max(mean(S_I), floor); the mean divides by the entries present (spec §8 item 13)."""
+        """T = max(mean(S_I), floor); the mean divides by the entries present."""
         if window.numel() == 0:
             return float(old)
         return max(float(window.mean()), self.iou_floor)

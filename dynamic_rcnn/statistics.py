@@ -4,7 +4,7 @@ Pure tensor functions, no state. Conventions: IoU vectors are float tensors of s
 values in [0, 1]; regression deltas are (N, 4) tensors ``(dx, dy, dw, dh)`` in the normalized
 Box2BoxTransform encoding (weights (10, 10, 5, 5)).
 
-Two statistic definitions exist (see the spec §2.2, §3.2):
+Two statistic definitions exist:
 
 * ``"mmdet"`` (MMDetection 2.x/3.x, the authors' MMDet v1.1 port): the IoU statistic is the
   ``min(K_I, N_i)``-th largest max-IoU of each image, averaged over images; the beta statistic is
@@ -72,7 +72,7 @@ def iou_statistic_mmdet(max_ious: Sequence[torch.Tensor], k_i: int) -> Optional[
 def original_recorded_ious(
     iou_matrix: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
-    """The IoU the authors' code records for each proposal of one image (spec §2.2, §8 item 4).
+    """The IoU the authors' code records for each proposal of one image.
 
     Args:
         iou_matrix: (G, N) IoU of G >= 1 GT boxes with N proposals.
@@ -106,7 +106,7 @@ def iou_statistic_original(
 
 
 def regression_label_magnitude(deltas: torch.Tensor) -> torch.Tensor:
-    """Per-RoI regression-label magnitude ``e = (|dx| + |dy|) / 2`` (spec §3.2).
+    """Per-RoI regression-label magnitude ``e = (|dx| + |dy|) / 2``.
 
     Args:
         deltas: (N, 4) regression targets ``(dx, dy, dw, dh)`` of proposals w.r.t. their GT box.

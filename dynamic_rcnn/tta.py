@@ -1,4 +1,4 @@
-"""Multi-scale + flip testing of the authors' code (spec §5.1, `engine/bbox_aug.py`).
+"""Multi-scale + flip testing of the authors' code (`engine/bbox_aug.py`).
 
 Passes: the standard test size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, with
 MODEL.DYNAMIC_RCNN.TTA_ADD_TEST_SIZE) and TEST.AUG.MIN_SIZES at TEST.AUG.MAX_SIZE, each also

@@ -1,4 +1,4 @@
-"""mmdetection-v1 anchors for checkpoint-exact RDSNet (spec §1.2, §6.3, §7.2).
+"""mmdetection-v1 anchors for checkpoint-exact RDSNet.
 
 `RDSNetMMDetAnchorGenerator` is Detectron2's `DefaultAnchorGenerator` with mmdet v1's base
 anchors: ratio-major order inside a location (index a = ratio_idx * S + size_idx, whereas

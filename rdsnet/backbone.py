@@ -1,4 +1,4 @@
-"""ResNet + FPN (P3-P7) backbone of RDSNet (spec §1.1).
+"""ResNet + FPN (P3-P7) backbone of RDSNet.
 
 Like Detectron2's `build_retinanet_resnet_fpn_backbone`, but the P6/P7 top block is chosen by
 `MODEL.RDSNET.P67_IN_FEATURE` ("res5": P6 from C5, as mmdet's ``extra_convs_on_inputs=True``;

@@ -1,4 +1,4 @@
-"""Box conventions of RDSNet (spec §1.2, §1.5, §2.2, §6.3).
+"""Box conventions of RDSNet.
 
 The authors' mmdetection v1 measures boxes as *inclusive pixel indices*: a box (x1, y1, x2, y2)
 covers pixels x1..x2, so its width is x2 - x1 + 1 ("+1" convention) in the box coder, the IoU,
@@ -49,7 +49,7 @@ def nms_per_class(boxes, scores, classes, iou_threshold: float, plus_one: bool):
 
 
 class Box2BoxTransformPlusOne(Box2BoxTransform):
-    """mmdet v1 ``bbox2delta`` / ``delta2bbox`` with "+1" widths (spec §1.2).
+    """mmdet v1 ``bbox2delta`` / ``delta2bbox`` with "+1" widths.
 
     Encoding: pw = x2 - x1 + 1, px = (x1 + x2) / 2, dx = wx (gx - px) / pw, dw = ww log(gw / pw).
     Decoding: gx = px + pw dx, gw = pw exp(dw) (dw clamped to `scale_clamp`),
@@ -99,7 +99,7 @@ class Box2BoxTransformPlusOne(Box2BoxTransform):
 
 
 class LowQualityOverrideMatcher(Matcher):
-    """Detectron2's `Matcher` with mmdet's `MaxIoUAssigner` rule 4 (spec §2.2).
+    """Detectron2's `Matcher` with mmdet's `MaxIoUAssigner` rule 4.
 
     Rule 4 (``min_pos_iou=0``, ``gt_max_assign_all=True``): for every GT g, *all* anchors whose
     IoU equals g's maximum IoU become positive **for g**, overriding the argmax assignment of

@@ -1,8 +1,8 @@
 """Config keys of the `rdsnet` package (all under `MODEL.RDSNET`).
 
-Defaults follow the authors' mmdetection-v1 configs (`configs/rdsnet/rdsnet_r50_fpn_1x.py`,
-spec §4 and §6.4). The Detectron2 keys RDSNet also reads are `MODEL.ANCHOR_GENERATOR.*`
-(anchors), `MODEL.FPN.*` / `MODEL.RESNETS.*` (backbone), `MODEL.PIXEL_MEAN/STD`, `MODEL.MASK_ON`.
+Defaults follow the authors' mmdetection-v1 configs (`configs/rdsnet/rdsnet_r50_fpn_1x.py`).
+The Detectron2 keys RDSNet also reads are `MODEL.ANCHOR_GENERATOR.*` (anchors),
+`MODEL.FPN.*` / `MODEL.RESNETS.*` (backbone), `MODEL.PIXEL_MEAN/STD`, `MODEL.MASK_ON`.
 """
 from detectron2.config import CfgNode as CN
 
@@ -67,7 +67,7 @@ def add_rdsnet_config(cfg):
     # Instances processed together when pasting masks at image resolution (memory bound only).
     _C.MODEL.RDSNET.MASK_PASTE_CHUNK = 16
 
-    # Mask-based Boundary Refinement Module (test-time only, fixed constants, spec §1.6).
+    # Mask-based Boundary Refinement Module (test-time only, fixed constants).
     _C.MODEL.RDSNET.MBRM = CN()
     # Refine boxes from the masks at test time (the *_refine configs).
     _C.MODEL.RDSNET.MBRM.ENABLED = False

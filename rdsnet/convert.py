@@ -1,4 +1,4 @@
-"""Convert the authors' mmdetection-v1 RDSNet checkpoints to this package (spec §6).
+"""Convert the authors' mmdetection-v1 RDSNet checkpoints to this package.
 
 Every upstream key is mapped or explicitly dropped (``num_batches_tracked`` when the target has
 no such buffer, e.g. FrozenBN; ``mbrm.*`` which the released files do not contain: MBRM's

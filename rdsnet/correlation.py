@@ -1,4 +1,4 @@
-"""Correlation module of RDSNet (spec §1.4): object representations x pixel representations.
+"""Correlation module of RDSNet: object representations x pixel representations.
 
 For an object with o = (o_bg, o_fg) in R^{2 x d} and the pixel map U in R^{d x h x w}, the two
 logits of pixel p are <U(p), o_bg> and <U(p), o_fg> (plain dot products, no normalisation);

@@ -1,4 +1,4 @@
-"""Cropping module of RDSNet (spec §1.5): translation variance for the instance masks.
+"""Cropping module of RDSNet: translation variance for the instance masks.
 
 Training ignores target pixels outside the GT box expanded by 25% per side; at test the
 foreground probabilities outside the detected box expanded by 10% per side are zeroed.
@@ -9,7 +9,7 @@ __all__ = ["crop_mask"]
 
 
 def crop_mask(boxes: torch.Tensor, height: int, width: int, padding: float, plus_one: bool = True):
-    """Boolean (N, height, width) maps, True inside each expanded box (spec §1.5).
+    """Boolean (N, height, width) maps, True inside each expanded box.
 
     pad = max(padding * (x2 - x1 + 1), 1) for 0 < padding < 1 (absolute pixels otherwise; no
     "+1" without ``plus_one``); X1 = clamp(x1 - pad, min=0), X2 = clamp(x2 + pad, max=width),

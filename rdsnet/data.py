@@ -1,4 +1,4 @@
-"""Training data of RDSNet: GT boxes as the authors' mmdetection-v1 pipeline (spec §2.1).
+"""Training data of RDSNet: GT boxes as the authors' mmdetection-v1 pipeline.
 
 mmdet parses a COCO box [x, y, w, h] as the inclusive pixel box [x, y, x + w - 1, y + h - 1]
 and then scales its coordinates by the resize factor s, so the resized right edge is

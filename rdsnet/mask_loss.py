@@ -1,4 +1,4 @@
-"""Mask loss of RDSNet with per-instance hard-negative mining (spec §2.4, §2.5, §7.6, §7.7)."""
+"""Mask loss of RDSNet with per-instance hard-negative mining."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Mask-based Boundary Refinement Module (MBRM), test-time only (spec §1.6, §7.8, §8.1-8.4).
+"""Mask-based Boundary Refinement Module (MBRM), test-time only.
 
 Each box edge is re-localised as a classification over pixel positions: the likelihood is
 the response of a fixed 1-D boundary kernel to the mask's max-profile, the prior a Gaussian

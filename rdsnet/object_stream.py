@@ -1,4 +1,4 @@
-"""Object stream of RDSNet: the RetinaNet-style head with a representation tower (spec §1.2).
+"""Object stream of RDSNet: the RetinaNet-style head with a representation tower.
 
 Three parallel towers of `num_convs` x [conv3x3 (no bias) - GroupNorm(32) - ReLU] run on every
 FPN level with shared weights; 3x3 predictors give per anchor `num_classes` logits (sigmoid),

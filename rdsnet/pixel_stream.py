@@ -1,4 +1,4 @@
-"""Pixel stream of RDSNet (spec §1.3): a d-dimensional embedding per pixel at stride 4.
+"""Pixel stream of RDSNet: a d-dimensional embedding per pixel at stride 4.
 
     p3 -> CM                        (stride 8)
     p4 -> CM -> Up2                 (stride 8)

@@ -1,4 +1,4 @@
-"""RDSNet meta-architecture (Wang et al., AAAI 2020; spec §1-§3).
+"""RDSNet meta-architecture (Wang et al., AAAI 2020).
 
 Two streams over a ResNet/Res2Net FPN: the *object stream* (`RDSNetHead`: classes, boxes and a
 2 x d object representation per anchor on P3-P7) and the *pixel stream* (`PixelStream`: a d-dim
@@ -247,7 +247,7 @@ class RDSNet(nn.Module):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def label_anchors(self, anchors: Boxes, valid: torch.Tensor, gt: Instances):
-        """Assign anchors of one image (spec §2.2).
+        """Assign anchors of one image.
 
         Args:
             anchors: (R, 4) all levels. valid: (R,) bool anchor valid flags.
@@ -262,7 +262,7 @@ class RDSNet(nn.Module):
         return labels, matches
 
     def losses(self, images, features, anchors, logits, deltas, reps, pixel_reps, gt):
-        """Focal + smooth-L1 detection losses and the OHEM mask loss (spec §2.3-§2.5)."""
+        """Focal + smooth-L1 detection losses and the OHEM mask loss."""
         anchors_all = Boxes.cat(anchors)
         grid_sizes = [tuple(f.shape[-2:]) for f in features]
         num_anchors = self.anchor_generator.num_cell_anchors
@@ -283,7 +283,7 @@ class RDSNet(nn.Module):
             padded_sizes.append(padded)
         labels, matches = torch.stack(labels), torch.stack(matches)
         pos = labels == 1
-        # Per-GPU normaliser: sum over images of max(#positives, 1) (mmdet v1, spec §2.3).
+        # Per-GPU normaliser: sum over images of max(#positives, 1) (mmdet v1).
         num_pos = torch.clamp(pos.sum(dim=1), min=1).sum().float()
 
         cls_target = torch.zeros_like(logits)
@@ -376,7 +376,7 @@ class RDSNet(nn.Module):
     def inference(
         self, images: ImageList, anchors, logits, deltas, reps, output_sizes
     ) -> List[Instances]:
-        """Per image: per-level top-k, decode, clip, rescale, class-wise NMS (spec §3 steps 2-4).
+        """Per image: per-level top-k, decode, clip, rescale, class-wise NMS.
 
         As the authors, boxes are clipped to the network input, rescaled to the output
         (original image) size and only then suppressed ("+1" IoU at the original scale).
@@ -434,7 +434,7 @@ class RDSNet(nn.Module):
     ) -> Instances:
         """Predict masks at the output size, optionally refine boxes with MBRM, export boxes.
 
-        Masks (spec §3 step 6): foreground logit at stride 4 -> bilinear x4 (align_corners=False)
+        Masks: foreground logit at stride 4 -> bilinear x4 (align_corners=False)
         -> crop to the unpadded image -> bilinear to (out_h, out_w) (align_corners=True) ->
         sigmoid -> zero outside the box expanded by `test_crop_pad` -> MBRM -> > `mask_thresh`.
 

@@ -1,4 +1,4 @@
-"""Training targets of RDSNet: anchor valid flags, GT boxes and masks (spec §1.2, §2.1-2.4)."""
+"""Training targets of RDSNet: anchor valid flags, GT boxes and masks."""
 import math
 from typing import Sequence, Tuple
 

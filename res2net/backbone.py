@@ -50,7 +50,7 @@ def build_res2net(
     zero_init_residual: bool = False,
     num_classes: Optional[int] = None,
 ) -> ResNet:
-    """Build a Res2Net trunk (spec §1).
+    """Build a Res2Net trunk.
 
     Stage k = 2..5 has blocks ``BLOCKS_PER_STAGE[depth]``, split width ``base_width * 2^(k-2)``,
     ``scale`` splits and ``res2_out_channels * 2^(k-2)`` output channels; block 0 of res3..res5

@@ -1,6 +1,6 @@
-"""The Bottle2neck block and the deep (v1b) stem (paper Sec. 3.1, Fig. 2; spec §1.2-§1.4, §1.7).
+"""The Bottle2neck block and the deep (v1b) stem (paper Sec. 3.1, Fig. 2).
 
-Key layout (spec §4.5): ``conv1`` (+ ``conv1.norm``), ``convs.{i}`` / ``bns.{i}`` for the
+Key layout: ``conv1`` (+ ``conv1.norm``), ``convs.{i}`` / ``bns.{i}`` for the
 s - 1 hierarchical 3x3 convs K_i, ``conv3`` (+ ``conv3.norm``), ``shortcut`` (+ ``.norm``) in
 the first block of a stage, and ``convs_offset.{i}`` for deformable K_i.
 """
@@ -18,7 +18,7 @@ __all__ = ["Bottle2neckBlock", "DeepStem"]
 class Bottle2neckBlock(CNNBlockBase):
     """Res2Net bottleneck: 1x1 -> hierarchical 3x3 on s splits -> 1x1, plus shortcut.
 
-    With U = ReLU(BN(conv1(X))) split into x_1..x_s of ``width`` channels (spec §1.7):
+    With U = ReLU(BN(conv1(X))) split into x_1..x_s of ``width`` channels:
 
     * normal block: y_1 = K_1(x_1); y_i = K_i(x_i + y_{i-1}) for i = 2..s-1; y_s = x_s
       (K_i includes BN_i and ReLU; the *last* split bypasses, as in every released code);
@@ -65,7 +65,7 @@ class Bottle2neckBlock(CNNBlockBase):
             dilation (int): dilation (and padding) of the 3x3 convs.
             avg_down (bool): v1b shortcut (avg pool then stride-1 1x1 conv).
             pool_stride1 (bool): pool the last split in a first block even at stride 1.
-            deform, deform_modulated, deform_num_groups: deformable K_i (spec §5.5).
+            deform, deform_modulated, deform_num_groups: deformable K_i.
             zero_init_residual (bool): initialise the scale of conv3's norm to 0 so the block
                 starts as its shortcut (Goyal et al. 2017; timm's default). Only matters when
                 training from scratch: pretrained weights overwrite it.
@@ -163,7 +163,7 @@ class Bottle2neckBlock(CNNBlockBase):
 
 
 class DeepStem(CNNBlockBase):
-    """v1b deep stem (spec §1.4): three 3x3 convs (C/2 s2, C/2, C), each + norm + ReLU, then
+    """v1b deep stem: three 3x3 convs (C/2 s2, C/2, C), each + norm + ReLU, then
     max-pool 3/2/1. Keys ``conv1/conv2/conv3`` (+ ``.norm``), the layout of Detectron2's
     DeepLab stem. Shapes: (N, 3, H, W) -> (N, C, ceil(H / 4), ceil(W / 4))."""
 

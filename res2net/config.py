@@ -1,7 +1,7 @@
 """Config keys of the `res2net` package (all under `MODEL.RES2NET`).
 
 The keys mirror Detectron2's `MODEL.RESNETS` ones where the meaning is the same, but live in a
-subtree this package owns (spec §5.1) so they never collide with keys Detectron2 adds later.
+subtree this package owns so they never collide with keys Detectron2 adds later.
 """
 from detectron2.config import CfgNode as CN
 
@@ -11,9 +11,9 @@ def add_res2net_config(cfg):
     _C = cfg
     _C.MODEL.RES2NET = CN()
     # Number of layers: 50 -> blocks per stage [3, 4, 6, 3]; 101 -> [3, 4, 23, 3];
-    # 152 -> [3, 8, 36, 3] (spec §1.1).
+    # 152 -> [3, 8, 36, 3].
     _C.MODEL.RES2NET.DEPTH = 50
-    # s: number of splits per block; s - 1 hierarchical 3x3 convs (§1.2). 1 = plain ResNet
+    # s: number of splits per block; s - 1 hierarchical 3x3 convs. 1 = plain ResNet
     # bottleneck (used for the "ResNet-50 64w" rows).
     _C.MODEL.RES2NET.SCALE = 4
     # w: channels of one split in res2 (doubles per stage); inner width of a block = w * s.
@@ -38,15 +38,15 @@ def add_res2net_config(cfg):
     _C.MODEL.RES2NET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Stride of the first block of res3..res5 in the 1x1 conv1 (True, maskrcnn-benchmark/d2-fork
     # default) or in the 3x3 convs and the last-split pool (False, how the ImageNet weights were
-    # trained; spec §5.3).
+    # trained).
     _C.MODEL.RES2NET.STRIDE_IN_1X1 = False
-    # 1 or 2; 2 makes res5 stride 1 with dilation-2 3x3 convs (output stride 16, spec §5.4).
+    # 1 or 2; 2 makes res5 stride 1 with dilation-2 3x3 convs (output stride 16).
     _C.MODEL.RES2NET.RES5_DILATION = 1
     # Official/timm semantics: the first block of a stage avg-pools its bypassed last split
     # (3x3, padding 1) even when the block stride is 1 (res2.0, dilated res5.0). False = mmdet /
-    # Res2Net-detectron2 behaviour (no pool at stride 1; spec §8 item 2).
+    # Res2Net-detectron2 behaviour (no pool at stride 1).
     _C.MODEL.RES2NET.POOL_STRIDE1 = True
-    # Deformable 3x3 convs (every K_i of the stage, each with its own offset conv; spec §5.5),
+    # Deformable 3x3 convs (every K_i of the stage, each with its own offset conv),
     # one flag per stage res2..res5. Implemented with torchvision.ops.deform_conv2d (CPU + GPU).
     _C.MODEL.RES2NET.DEFORM_ON_PER_STAGE = [False, False, False, False]
     # Modulated deformable conv (DCNv2: offsets + sigmoid masks) instead of DCNv1.

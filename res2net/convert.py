@@ -1,16 +1,16 @@
-"""Convert Res2Net / ResNet checkpoints to this package's Detectron2 layout (spec §4).
+"""Convert Res2Net / ResNet checkpoints to this package's Detectron2 layout.
 
 Source layouts (detected automatically, or forced with ``layout=``):
 
 * ``"official"``: Res2Net-PretrainedModels ``res2net.py`` / ``res2net_v1b.py`` = timm
   (``conv1``/``bn1`` or ``conv1.{0,1,3,4,6}``/``bn1`` stem, ``layer{L}.{j}.conv1/bn1/convs.{i}/
   bns.{i}/conv3/bn3/downsample.*``, ``fc``); also torchvision ResNets (``conv2``/``bn2`` = the one
-  3x3 conv of a scale-1 block, §1.2 item 9);
+  3x3 conv of a scale-1 block);
 * ``"mmdet"``: ``[backbone.]stem.{0,1,3,4,6,7}``, ``layer*`` as official (BN checkpoints),
   ``convs.{i}.conv_offset`` for DCN;
 * ``"maskrcnn_benchmark"``: ``backbone.body.stem.conv1/bn1``, ``backbone.body.layer*`` (v1).
 
-Target (§4.5): ``stem.conv1[.norm]`` (v1) or ``stem.conv{1,2,3}[.norm]`` (v1b),
+Target: ``stem.conv1[.norm]`` (v1) or ``stem.conv{1,2,3}[.norm]`` (v1b),
 ``res{L+1}.{j}.conv1[.norm]``, ``.convs.{i}``, ``.bns.{i}``, ``.conv3[.norm]``,
 ``.shortcut[.norm]``, ``.convs_offset.{i}``, with a prefix (``backbone.bottom_up.`` for the FPN
 backbones). ``num_batches_tracked`` and ``fc`` are dropped explicitly; every other key must map,
@@ -46,7 +46,7 @@ __all__ = [
 
 LAYOUTS = ("official", "mmdet", "maskrcnn_benchmark")
 
-# Spec §4.5 / §7 item 9: backbone tensors of the converted trunk (FrozenBN, no fc), keyed by
+# backbone tensors of the converted trunk (FrozenBN, no fc), keyed by
 # (variant, depth, base_width, scale).
 EXPECTED_TENSOR_COUNTS = {
     ("v1", 50, 26, 4): 425,
@@ -112,7 +112,7 @@ _BODY_PREFIX = {"official": "", "mmdet": "backbone.", "maskrcnn_benchmark": "bac
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Return "official", "mmdet" or "maskrcnn_benchmark" from the key names (§4.1-§4.3)."""
+    """Return "official", "mmdet" or "maskrcnn_benchmark" from the key names."""
     keys = list(state_dict)
     if any(k.startswith("backbone.body.") for k in keys):
         return "maskrcnn_benchmark"
@@ -145,7 +145,7 @@ def _body(state_dict, layout):
 def infer_architecture(
     body: Mapping[str, torch.Tensor], layout: str, deform_modulated: Optional[bool] = None
 ) -> dict:
-    """Read variant, depth, base width, scale, channels and DCN settings from body keys (§4.6).
+    """Read variant, depth, base width, scale, channels and DCN settings from body keys.
 
     ``deform_modulated`` settles DCN checkpoints whose offset channels fit both DCNv1 and DCNv2.
 
@@ -196,7 +196,7 @@ def infer_architecture(
 
 
 def _deform_settings(name: str, channels: int, modulated: Optional[bool]) -> dict:
-    """DCN version and group count from the offset conv's output channels (spec §5.5): DCNv1
+    """DCN version and group count from the offset conv's output channels: DCNv1
     has 18 per deformable group (x, y per tap), DCNv2 27 (plus a mask per tap). Counts divisible
     by both (54, 108, ...) are ambiguous (54 = DCNv1 x 3 groups = DCNv2 x 2 groups): then the
     caller must say which (``deform_modulated``)."""

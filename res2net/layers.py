@@ -16,7 +16,7 @@ NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 def make_norm(norm: str, gn_num_groups: int = 2):
     """Return a ``channels -> nn.Module`` factory for ``MODEL.RES2NET.NORM``.
 
-    Spec §5.2: GroupNorm with Detectron2's fixed 32 groups cannot normalize the Res2Net split
+    GroupNorm with Detectron2's fixed 32 groups cannot normalize the Res2Net split
     widths (26, 52, 14, 18, 48, ...), so "GN" uses ``MODEL.RES2NET.GN_NUM_GROUPS`` groups and
     every normalized width is checked when the layer is built.
     """
@@ -46,7 +46,7 @@ class DeformConv3x3(nn.Module):
 
     The offset conv (``offset_conv``, stored by the block under ``convs_offset.{i}``) is a plain
     3x3 conv with the same stride/padding/dilation, bias on, zero-initialised so that a network
-    loaded from ImageNet weights starts as the undeformed one (spec §5.5). Its output has
+    loaded from ImageNet weights starts as the undeformed one. Its output has
     ``18 * groups`` channels (DCNv1: (dy, dx) per kernel tap) or ``27 * groups`` (DCNv2: offsets
     then mask logits, as mmcv/Detectron2 lay them out).
 

@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 def add_tsd_config(cfg):
     """Add this method's keys to `cfg` in place (call before `merge_from_file`)."""
     cfg.MODEL.TSD = CN()
-    # γ of paper Eq. 3/5: offsets are γ·Δ·(w, h); the authors' trans_std (spec §2.3, §2.4).
+    # γ of paper Eq. 3/5: offsets are γ·Δ·(w, h); the authors' trans_std.
     cfg.MODEL.TSD.GAMMA = 0.1
     # S: S×S bilinear samples averaged per bin of the deformable RoI pooling (paper Eq. 6).
     cfg.MODEL.TSD.SAMPLES_PER_BIN = 4
@@ -21,7 +21,7 @@ def add_tsd_config(cfg):
     # m_r: localisation PC margin.
     cfg.MODEL.TSD.LOC_PC_MARGIN = 0.3
     # Stop the gradient of loss_tsd_box_reg into ΔR through the P̂_r-relative targets
-    # (the authors' code does NOT detach: False reproduces it, spec §4).
+    # (the authors' code does NOT detach: False reproduces it).
     cfg.MODEL.TSD.DETACH_TRANSLATED_TARGETS = False
     # Authors' coordinate conventions: rounded/left-aligned deformable pooling, "+1" widths in
     # the translation, mmdet FPN level rule and "+1" IoU in the PC loss. False = Detectron2's

@@ -1,4 +1,4 @@
-"""Convert the authors' TSD checkpoints (Sense-X/TSD, mmdetection v1) to this package (spec §11).
+"""Convert the authors' TSD checkpoints (Sense-X/TSD, mmdetection v1) to this package.
 
 Source: an mmcv checkpoint ``{"meta": ..., "state_dict": ...}`` of a Faster / Mask R-CNN
 (``bbox_head.*``) or Cascade R-CNN (``bbox_head.{0,1,2}.*``) TSD model with a ResNet(-XT)
@@ -155,7 +155,7 @@ def _reindex(src_key: str, dst_key: str, value: torch.Tensor) -> torch.Tensor:
 
 def expected_head_shapes(num_classes: int, in_channels: int = 256, resolution: int = 7,
                          fc_dim: int = 1024, offset_dim: int = 256) -> Dict[str, tuple]:
-    """Shapes of one mmdet TSD box head (spec §11.1), ``num_classes`` incl. background."""
+    """Shapes of one mmdet TSD box head, ``num_classes`` incl. background."""
     n_in = in_channels * resolution * resolution
     shapes = {}
 
@@ -178,7 +178,7 @@ def expected_head_shapes(num_classes: int, in_channels: int = 256, resolution: i
 
 
 def _check_heads(source: Mapping[str, torch.Tensor]) -> None:
-    """Assert the box-head shapes of spec §11.1 (class count read from fc_cls)."""
+    """Assert the box-head shapes of the authors' TSD head (class count read from fc_cls)."""
     prefixes = sorted({m.group(0) for k in source
                        for m in [re.match(r"bbox_head\.(?:\d\.)?", k)] if m})
     for prefix in prefixes:

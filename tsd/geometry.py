@@ -9,10 +9,10 @@ __all__ = ["translate_boxes", "aligned_iou", "LegacyBox2BoxTransform"]
 def translate_boxes(
     boxes: torch.Tensor, delta_r: torch.Tensor, gamma: float = 0.1, legacy: bool = True
 ) -> torch.Tensor:
-    """Proposal-wise translation P̂_r = P + γ·ΔR·(w, h) (paper Eq. 3, 4; spec §2.4).
+    """Proposal-wise translation P̂_r = P + γ·ΔR·(w, h) (paper Eq. 3, 4).
 
     Width and height are unchanged. Differentiable w.r.t. ``delta_r`` (the TSD regression
-    targets and decoded boxes depend on it, spec §4); ``boxes`` carry no gradient.
+    targets and decoded boxes depend on it); ``boxes`` carry no gradient.
 
     Args:
         boxes: (R, 4) XYXY proposals P in image pixels.
@@ -32,7 +32,7 @@ def translate_boxes(
 
 
 def aligned_iou(a: torch.Tensor, b: torch.Tensor, legacy: bool = True) -> torch.Tensor:
-    """Element-wise IoU of two aligned box sets (spec §5.3), differentiable.
+    """Element-wise IoU of two aligned box sets, differentiable.
 
     Args:
         a, b: (R, 4) XYXY.
@@ -55,12 +55,12 @@ def aligned_iou(a: torch.Tensor, b: torch.Tensor, legacy: bool = True) -> torch.
 
 
 class LegacyBox2BoxTransform(Box2BoxTransform):
-    """The authors' box coder (mmdet v1 ``bbox2delta`` / ``delta2bbox``, spec §4, §11.4).
+    """The authors' box coder (mmdet v1 ``bbox2delta`` / ``delta2bbox``).
 
     Widths and heights use the "+1" convention ``w = x2 - x1 + 1`` (centres ``(x1 + x2) / 2``),
     decoded corners are ``c ∓ (w' - 1) / 2``, and the de-normalised log-size deltas are clamped
     on both sides to ``scale_clamp``. With these widths a translation P̂_r = P + γ·ΔR·(w, h) of
-    `translate_boxes` (legacy) shifts the targets by exactly γ/σ·ΔR (spec §12 fact 14).
+    `translate_boxes` (legacy) shifts the targets by exactly γ/σ·ΔR.
     Detectron2's `Box2BoxTransform` (continuous widths) is the non-legacy coder.
     """
 

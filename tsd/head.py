@@ -1,4 +1,4 @@
-"""The TSD box head (paper §3.1–3.2, spec §2): offset generators, the two task-specific
+"""The TSD box head (paper §3.1–3.2): offset generators, the two task-specific
 proposals P̂_c / P̂_r, their deformable pooling, separate classification/regression towers and
 the TSD predictor. The sibling 2fc head is Detectron2's own box head/predictor and lives in
 the ROI heads (`roi_heads.py`).
@@ -34,13 +34,13 @@ def _kaiming_fan_in(layer: nn.Linear) -> None:
 
 
 class TSDOffsetGenerator(nn.Module):
-    """F_c and F_r of the paper (Eq. 3, 5; spec §2.2): a shared first fc, then two 2-fc stacks.
+    """F_c and F_r of the paper (Eq. 3, 5): a shared first fc, then two 2-fc stacks.
 
     Input: the RoIAlign feature x of P, (R, C, k, k), flattened C-major.
     Outputs: ΔC (R, 2, k, k) — channel 0 = x, 1 = y, row-major bins — and
     ΔR (R, 2) = (dx, dy).
     Both are raw (unbounded); the γ·(w, h) scaling happens in the pooling / translation.
-    Not zero-initialised (spec §2.8): offsets are random and non-zero at step 0.
+    Not zero-initialised: offsets are random and non-zero at step 0.
     """
 
     def __init__(self, in_channels: int, resolution: int, hidden_dim: int = 256):
@@ -64,15 +64,15 @@ class TSDOffsetGenerator(nn.Module):
 
 
 class TSDOutputLayers(FastRCNNOutputLayers):
-    """TSD_fc_cls / TSD_fc_reg (spec §2.5) as a `FastRCNNOutputLayers`.
+    """TSD_fc_cls / TSD_fc_reg as a `FastRCNNOutputLayers`.
 
     ``forward(cls_feature, reg_feature)`` takes the two task towers' outputs. Its predictions
     are the tuple ``(scores (R, K+1), deltas (R, 4K), translated_boxes (R, 4))``: boxes are
-    encoded and decoded relative to the translated proposal P̂_r (spec §4, §6), which carries a
+    encoded and decoded relative to the translated proposal P̂_r, which carries a
     gradient into ΔR. Losses are named ``loss_tsd_cls`` and ``loss_tsd_box_reg``.
 
     Both layers keep PyTorch's default nn.Linear init (the authors' ``init_weights`` never
-    touched them, spec §2.8).
+    touched them).
     """
 
     @configurable
@@ -82,7 +82,7 @@ class TSDOutputLayers(FastRCNNOutputLayers):
         """
         Args:
             detach_translated_targets: stop the regression-target gradient into ΔR (the
-                authors' code does not detach, spec §4).
+                authors' code does not detach).
             other args: see `FastRCNNOutputLayers`.
         """
         super().__init__(input_shape, **kwargs)
@@ -101,7 +101,7 @@ class TSDOutputLayers(FastRCNNOutputLayers):
         return self.cls_score(cls_feature.flatten(1)), self.bbox_pred(reg_feature.flatten(1))
 
     def losses(self, predictions, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
-        """TSD classification and regression losses (spec §5.2).
+        """TSD classification and regression losses.
 
         Same labels and normalisation as the sibling; regression targets are the matched GT
         encoded relative to P̂_r (``predictions[2]``), not detached unless configured.
@@ -141,7 +141,7 @@ class TSDOutputLayers(FastRCNNOutputLayers):
             storage.put_scalar("tsd/fg_cls_accuracy", fg_acc)
 
     def predict_boxes(self, predictions, proposals: List[Instances]):
-        """Per image (R_i, 4K) boxes decoded from P̂_r (spec §6 step 5)."""
+        """Per image (R_i, 4K) boxes decoded from P̂_r."""
         if not len(proposals):
             return []
         _, deltas, translated = predictions
@@ -166,13 +166,13 @@ class TSDOutputLayers(FastRCNNOutputLayers):
         return boxes.split([len(p) for p in proposals])
 
     def predict_probs(self, predictions, proposals: List[Instances]):
-        """Per image (R_i, K+1) softmax of the TSD logits (spec §6 step 4)."""
+        """Per image (R_i, K+1) softmax of the TSD logits."""
         scores = predictions[0]
         return F.softmax(scores, dim=-1).split([len(p) for p in proposals], dim=0)
 
 
 class TSDHead(nn.Module):
-    """The TSD part of one box head (spec §2.9 steps 1–6).
+    """The TSD part of one box head.
 
     ``forward(x, features, proposal_boxes)`` returns the TSD predictions
     ``(scores (R, K+1), deltas (R, 4K), P̂_r boxes (R, 4))`` and the raw offsets
@@ -240,7 +240,7 @@ class TSDHead(nn.Module):
         pooled = ShapeSpec(channels=C, height=k, width=k)
         cls_head = FastRCNNConvFCHead(pooled, conv_dims=[], fc_dims=fc_dims)
         reg_head = FastRCNNConvFCHead(pooled, conv_dims=[], fc_dims=fc_dims)
-        for tower in (cls_head, reg_head):  # mmdet kaiming(a=1, fan_in) normal init (spec §2.8)
+        for tower in (cls_head, reg_head):  # mmdet kaiming(a=1, fan_in) normal init
             for m in tower.modules():
                 if isinstance(m, nn.Linear):
                     _kaiming_fan_in(m)
@@ -263,7 +263,7 @@ class TSDHead(nn.Module):
         }
 
     def pool(self, features: List[torch.Tensor], rois: torch.Tensor, levels, delta_c, delta_r):
-        """Deformable pooling of P̂_c and P̂_r in one pass (spec §2.3, §2.4.1).
+        """Deformable pooling of P̂_c and P̂_r in one pass.
 
         Args:
             features: FPN maps, finest first. rois: (R, 5) pooler-format untranslated P.
@@ -320,7 +320,7 @@ class TSDHead(nn.Module):
         sibling_box2box: Box2BoxTransform,
         proposals: List[Instances],
     ) -> Dict[str, torch.Tensor]:
-        """TSD losses (spec §5.2) + PC losses (spec §5.3) on the sampled proposals.
+        """TSD losses + PC losses on the sampled proposals.
 
         Args:
             predictions: output of `forward` (first element).

@@ -1,4 +1,4 @@
-"""Progressive constraint (PC) losses of TSD (paper Eq. 7, 8; spec §5.3).
+"""Progressive constraint (PC) losses of TSD (paper Eq. 7, 8).
 
 The sibling side is always detached: the PC only pushes the TSD branch to beat the sibling
 head by a margin, clipped so that the target never exceeds 1. Reduction (authors' code): a plain

@@ -1,4 +1,4 @@
-"""Deformable RoI pooling of TSD (spec §3), written with pure PyTorch ops (no custom kernel).
+"""Deformable RoI pooling of TSD, written with pure PyTorch ops (no custom kernel).
 
 This is the operator behind the paper's point-wise deformation P̂_c (Eq. 5, 6) and the
 proposal-wise translation P̂_r (Eq. 3, 4): the Deformable ConvNets "deformable PS-RoI pooling"
@@ -7,10 +7,10 @@ and S×S bilinear samples per bin, each bin translated by ``gamma * offset * (ro
 
 Two coordinate conventions are supported:
 
-* ``legacy=True`` — the authors' CUDA kernel (spec §3): RoI corners rounded half away from
+* ``legacy=True`` — the authors' CUDA kernel: RoI corners rounded half away from
   zero, ``start = round(x1)·s − 0.5``, ``end = (round(x2) + 1)·s − 0.5``, samples
   left/top-aligned inside a bin (``iw / S``).
-* ``legacy=False`` — the "aligned" variant (spec §13.17) matching Detectron2's ROIAlignV2
+* ``legacy=False`` — the "aligned" variant matching Detectron2's ROIAlignV2
   geometry: ``start = x1·s − 0.5``, ``end = x2·s − 0.5``, no rounding, samples at the centres
   of the S×S sub-cells (``(iw + 0.5) / S``). With zero offsets and a RoI inside the map it equals
   ``torchvision.ops.roi_align(aligned=True, sampling_ratio=S)``.
@@ -19,12 +19,12 @@ Both keep the kernel's validity rule: a sample outside ``[-0.5, W - 0.5] × [-0.
 dropped, the others are clamped into ``[0, W-1] × [0, H-1]`` and bilinearly interpolated, and a
 bin is the mean over its *valid* samples (0 if none). No gradient reaches the RoI coordinates.
 
-Implementation: instead of the `F.grid_sample` recipe of spec §3.1 (which materialises a
+Implementation: instead of the `F.grid_sample` formulation (which materialises a
 (R, C, k·S, k·S) tensor and whose CPU backward is slow), every bin is written as a weighted sum
 of S·S·4 feature rows and evaluated with one weighted ``F.embedding_bag`` over all levels and
 images (forward and backward are the ordinary embedding-bag kernels on CPU and GPU). The
 forward equals the kernel's; the backward is autograd's, which differs from the CUDA backward
-only where the spec says it may (§3.1: zero offset gradient at clamped samples, right-hand slope
+only at non-differentiable points (zero offset gradient at clamped samples, right-hand slope
 at exactly integer coordinates).
 """
 import math
@@ -57,7 +57,7 @@ def _roi_geometry(boxes: torch.Tensor, spatial_scale, legacy: bool):
         boxes: (R, 4) XYXY in input-image pixels.
         spatial_scale: float or (R,) tensor, 1 / stride of each RoI's level.
     Returns:
-        start_w, start_h, roi_w, roi_h: each (R,), in feature-map pixels (spec §3 step 1).
+        start_w, start_h, roi_w, roi_h: each (R,), in feature-map pixels.
     """
     x1, y1, x2, y2 = boxes.unbind(dim=1)
     if legacy:
@@ -81,7 +81,7 @@ def _sample_points(boxes, offsets, spatial_scale, output_size, samples_per_bin, 
         (r, ph, pw, ih, iw); x does not depend on ih nor y on iw (separable sample grid).
     """
     k, S = output_size, samples_per_bin
-    boxes = boxes.detach()  # spec §3 step 7: no gradient to the RoI coordinates
+    boxes = boxes.detach()  # no gradient to the RoI coordinates
     start_w, start_h, roi_w, roi_h = _roi_geometry(boxes, spatial_scale, legacy)
     bin_w, bin_h = roi_w / k, roi_h / k
     centre = 0.0 if legacy else 0.5
@@ -138,13 +138,13 @@ def _pool_from_rows(
     valid_x = (xs >= -0.5) & (xs <= Wf - 0.5)  # (R, k, k, 1, S)
     valid_y = (ys >= -0.5) & (ys <= Hf - 0.5)  # (R, k, k, S, 1)
     count = (valid_x.sum(dim=4, keepdim=True) * valid_y.sum(dim=3, keepdim=True)).clamp(min=1)
-    # clamp into the map (spec §3 step 4); neighbours p0 = floor(p), p1 = min(p0 + 1, size - 1)
+    # clamp into the map; neighbours p0 = floor(p), p1 = min(p0 + 1, size - 1)
     xc = torch.minimum(xs.clamp(min=0), Wf - 1)
     yc = torch.minimum(ys.clamp(min=0), Hf - 1)
     x0, y0 = xc.detach().floor(), yc.detach().floor()
     x1, y1 = torch.minimum(x0 + 1, Wf - 1), torch.minimum(y0 + 1, Hf - 1)
     lx, ly = xc - x0, yc - y0
-    # the mean over the valid samples (spec §3 step 6) is folded into the y weights
+    # the mean over the valid samples is folded into the y weights
     wx = torch.stack([1 - lx, lx], dim=-1) * valid_x[..., None].to(xs.dtype)  # (R,k,k,1,S,2)
     wy = torch.stack([1 - ly, ly], dim=-1) * (valid_y.to(ys.dtype) / count)[..., None]
     weights = wy[..., :, None] * wx[..., None, :]  # (R, k, k, S, S, 2, 2)
@@ -172,7 +172,7 @@ def deform_roi_pool(
     gamma: float = 0.1,
     legacy: bool = True,
 ) -> torch.Tensor:
-    """Deformable RoI pooling of RoIs of ONE image at one level (spec §3), vectorised over RoIs.
+    """Deformable RoI pooling of RoIs of ONE image at one level, vectorised over RoIs.
 
     Args:
         features: (1, C, H, W) or (C, H, W) feature map.
@@ -222,7 +222,7 @@ def multi_level_deform_roi_pool(
     gamma: float = 0.1,
     legacy: bool = True,
 ) -> torch.Tensor:
-    """`deform_roi_pool` over FPN levels and images in one vectorised call (spec §2.9 step 4).
+    """`deform_roi_pool` over FPN levels and images in one vectorised call.
 
     Args:
         features: per-level maps (N, C, H_l, W_l), finest first.
@@ -269,7 +269,7 @@ def fpn_levels(
     canonical_level: int = 4,
     legacy: bool = True,
 ) -> torch.Tensor:
-    """FPN level of each RoI, offset from ``min_level`` (spec §2.7).
+    """FPN level of each RoI, offset from ``min_level``.
 
     Args:
         boxes: (R, 4) XYXY image pixels of the *untranslated* proposals P.

@@ -1,12 +1,12 @@
-"""ROI heads with a TSD box branch (spec §1, §6–§8).
+"""ROI heads with a TSD box branch.
 
 * `TSDROIHeads` — Faster R-CNN / Mask R-CNN: the sibling 2fc head (Detectron2's box head and
   `FastRCNNOutputLayers`) and the TSD head run on the same sampled RoIs in training; only TSD
   runs at test. The mask head is Detectron2's, trained on the positive proposals P and run on
-  the TSD detections (spec §7) — `StandardROIHeads` already does exactly that.
+  the TSD detections — `StandardROIHeads` already does exactly that.
 * `TSDCascadeROIHeads` — Cascade R-CNN with a full TSD head (+ sibling) per stage,
   class-specific regression, refinement from the TSD boxes on P̂_r, stage loss weights and
-  test-time averaging of the stages' TSD *logits* (spec §8).
+  test-time averaging of the stages' TSD *logits*.
 """
 from typing import Dict, List, Sequence
 
@@ -74,7 +74,7 @@ class TSDROIHeads(StandardROIHeads):
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
         transform = ret["box_predictor"].box2box_transform
-        if cfg.MODEL.TSD.LEGACY_COORDS:  # "+1" box coding for the sibling and TSD (spec §11.4)
+        if cfg.MODEL.TSD.LEGACY_COORDS:  # "+1" box coding for the sibling and TSD
             transform = _box_coder(cfg, transform.weights)
             ret["box_predictor"].box2box_transform = transform
         ret["tsd_head"] = TSDHead(cfg, input_shape, box2box_transform=transform)
@@ -101,7 +101,7 @@ class TSDROIHeads(StandardROIHeads):
 
 @ROI_HEADS_REGISTRY.register()
 class TSDCascadeROIHeads(CascadeROIHeads):
-    """`CascadeROIHeads` with a TSD head (+ its sibling) at every stage (spec §8).
+    """`CascadeROIHeads` with a TSD head (+ its sibling) at every stage.
 
     Differences from Detectron2's cascade: class-specific regression; the next stage's boxes are
     the TSD boxes decoded from P̂_r for the assigned class (training; background RoIs use the
@@ -148,7 +148,7 @@ class TSDCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _label_and_sample_stage(self, proposals, targets, stage: int) -> List[Instances]:
         """Append the GT, match at the stage's IoU threshold and sample (mmdet's assigner +
-        RandomSampler at every cascade stage, spec §8).
+        RandomSampler at every cascade stage).
 
         Returns:
             per image, the sampled ``Instances`` with ``gt_classes``, the matched ``gt_*``
@@ -291,7 +291,7 @@ class TSDCascadeROIHeads(CascadeROIHeads):
                 losses.update({f"{name}_stage{k}": v * w for name, v in stage.items()})
             return losses
 
-        # test: softmax of the stage-averaged TSD logits, boxes of the last stage (spec §8)
+        # test: softmax of the stage-averaged TSD logits, boxes of the last stage
         logits = sum(o[0][0] for o in outputs) / self.num_cascade_stages
         predictions, _, props = outputs[-1]
         predictor = self.tsd_head[-1].predictor

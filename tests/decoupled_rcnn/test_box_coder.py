@@ -1,4 +1,4 @@
-"""Per-stage box coders and the three-stage decode (spec §1.4, §3, §9.5, §9.16-17)."""
+"""Per-stage box coders and the three-stage decode."""
 import math
 
 import pytest
@@ -34,7 +34,7 @@ def test_zero_delta_returns_input_box_every_stage():
 
 
 def test_worked_three_stage_decode():
-    """Spec §9.16: p = [100,100,200,200], delta (1,0,0,0) at every stage."""
+    """P = [100,100,200,200], delta (1,0,0,0) at every stage."""
     boxes = [torch.tensor([[100.0, 100, 200, 200]])]
     expected = [[110, 100, 210, 200], [115, 100, 215, 200], [118.3, 100, 218.3, 200]]
     for t, exp in zip(build_stage_transforms(STDS), expected):
@@ -43,7 +43,7 @@ def test_worked_three_stage_decode():
 
 
 def test_log_size_delta_clamped_on_both_sides():
-    """Spec §9.17: raw -50 at stage 0 (-10 de-normalised) is clamped to -log(1000/16)."""
+    """Raw -50 at stage 0 (-10 de-normalised) is clamped to -log(1000/16)."""
     (t0,) = build_stage_transforms(STDS[:1])
     box = torch.tensor([[0.0, 0, 1000, 1000]])
     out = apply_deltas_clamped(t0, torch.tensor([[0.0, 0, -50, -50]]), box)

@@ -1,4 +1,4 @@
-"""Converter from the authors' mmdetection v2.4 checkpoints (spec §7, §9.4)."""
+"""Converter from the authors' mmdetection v2.4 checkpoints."""
 import importlib.util
 import os
 

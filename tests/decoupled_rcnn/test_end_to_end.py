@@ -1,5 +1,5 @@
 """End-to-end values of the Decoupled R-CNN RPN and ROI heads built from the R-50 config
-(spec §2, §3, §9 facts 7, 9, 11–19 through the public modules).
+(through the public modules).
 
 The heads run on hand-placed proposals and GT with hand-set weights: the last layers (stage-0
 classifier and regressor, refine regressors) have zero weights and a chosen bias, so logits and
@@ -87,7 +87,7 @@ def _features(channels=8):
 
 LOGITS = torch.linspace(-1.0, 1.0, K + 1).tolist()
 LOGITS[17] = 2.0  # the arg-max foreground class ...
-LOGITS[K] = 3.0  # ... of a background-like proposal (its deltas are used anyway, spec §3)
+LOGITS[K] = 3.0  # ... of a background-like proposal (its deltas are used anyway)
 
 
 def _heads(make_cfg, fpn_shapes, opts=(), d0=None, refine=((1.0, 0, 0, 0), (1.0, 0, 0, 0))):
@@ -103,7 +103,7 @@ def _heads(make_cfg, fpn_shapes, opts=(), d0=None, refine=((1.0, 0, 0, 0), (1.0,
     return heads
 
 
-# ---------------------------------------------------------------- RPN (fact 7)
+# ---------------------------------------------------------------- RPN
 def test_rpn_sets_use_their_own_nms_thresholds(make_cfg, fpn_shapes):
     """Hand-made candidates a > b > c > d by objectness, IoU(a, b) = 0.80, IoU(a, c) = 0.90:
     NMS 0.7 keeps {a, d} (classification set), NMS 0.85 keeps {a, b, d} (regression set)."""
@@ -125,7 +125,7 @@ def test_rpn_sets_use_their_own_nms_thresholds(make_cfg, fpn_shapes):
     assert test_set.proposal_boxes.tensor.tolist() == [a, d]
 
 
-# ---------------------------------------------------------------- inference (facts 14-19)
+# ---------------------------------------------------------------- inference
 def _infer(heads, boxes):
     heads.eval()
     with torch.no_grad():
@@ -135,9 +135,9 @@ def _infer(heads, boxes):
 
 
 def test_worked_decode_example(make_cfg, fpn_shapes):
-    """Fact 16: p = [100,100,200,200], argmax-class delta (1,0,0,0), refine deltas (1,0,0,0):
+    """P = [100,100,200,200], argmax-class delta (1,0,0,0), refine deltas (1,0,0,0):
     B1 = [110,100,210,200], B2 = [115,...], B3 = [118.3,100,218.3,200]; scores = softmax of the
-    stage-0 logits (fact 14); one shared box for every class (fact 15)."""
+    stage-0 logits; one shared box for every class."""
     heads = _heads(make_cfg, fpn_shapes)
     heads.box_predictor.test_nms_thresh = 1.0
     det = _infer(heads, [[100.0, 100, 200, 200]])
@@ -155,7 +155,7 @@ def test_worked_decode_example(make_cfg, fpn_shapes):
 
 
 def test_stage0_log_size_clamped_on_both_sides(make_cfg, fpn_shapes):
-    """Fact 17: a raw stage-0 log-width delta of -50 (= -10 after std 0.2) is clamped to
+    """A raw stage-0 log-width delta of -50 (= -10 after std 0.2) is clamped to
     -4.135: the width shrinks to 100·16/1000 = 1.6 px, not 100·e^-10."""
     d0 = torch.zeros(K, 4)
     d0[17, 2] = -50.0
@@ -168,7 +168,7 @@ def test_stage0_log_size_clamped_on_both_sides(make_cfg, fpn_shapes):
 
 @pytest.mark.parametrize("nms_type", ["nms", "soft_nms_linear"])
 def test_nms_and_soft_nms_through_the_heads(make_cfg, fpn_shapes, nms_type):
-    """Facts 18, 19: two proposals whose final boxes overlap at IoU 0.6 (same size, same
+    """Two proposals whose final boxes overlap at IoU 0.6 (same size, same
     deltas). Hard NMS 0.5 keeps one detection per class; linear soft-NMS keeps both, the
     second with score·(1 − 0.6)."""
     heads = _heads(make_cfg, fpn_shapes, ["MODEL.DECOUPLED_RCNN.TEST_NMS_TYPE", nms_type])
@@ -194,7 +194,7 @@ def test_nms_and_soft_nms_through_the_heads(make_cfg, fpn_shapes, nms_type):
         assert box == pytest.approx(ebox, abs=1e-3)
 
 
-# ---------------------------------------------------------------- training (facts 9, 11-13)
+# ---------------------------------------------------------------- training
 G = [100.0, 100.0, 200.0, 200.0]
 P_CLS = [[100.0, 100, 200, 200], [110, 100, 210, 200], [150, 100, 250, 200], [300, 300, 400, 400]]
 P_REG = [[105.0, 100, 205, 200], [100, 100, 200, 200], [133, 100, 233, 200], [134, 100, 234, 200]]
@@ -204,7 +204,7 @@ D2 = [0.2, -0.1, -0.3, 0.2]  # stage-2 deltas
 
 
 def test_worked_example_losses_through_the_heads(make_cfg, fpn_shapes):
-    """Fact 9 / §2.3–§2.5 through `DecoupledROIHeads.forward`: CE over the 5 classification
+    """The worked example through `DecoupledROIHeads.forward`: CE over the 5 classification
     rows / 5; stage-0 L1 over the 3 positive regression rows / 9; refinement of the positives
     with the stage-0 coder (negatives unchanged), re-matching at IoU 0.5, stage-1 and stage-2
     L1 with their own coders / (2·4), times 0.5 and 0.25."""
@@ -217,7 +217,7 @@ def test_worked_example_losses_through_the_heads(make_cfg, fpn_shapes):
                                 ([_instances(P_CLS)], [_instances(P_REG)]), [_target([G], [17])])
     probs = softmax(LOGITS)
     ce = -(3 * math.log(probs[17]) + 2 * math.log(probs[K])) / 5
-    # stage 0: positives r0, r1, r2 (r2 at IoU 0.50376, inclusive); targets (fact 9)
+    # stage 0: positives r0, r1, r2 (r2 at IoU 0.50376, inclusive); targets
     targets0 = [ref_encode(r, G, STDS[0]) for r in P_REG[:3]]
     assert [t[0] for t in targets0] == pytest.approx([-0.5, 0.0, -3.3])
     l0 = sum(abs(a - b) for t in targets0 for a, b in zip(D0, t)) / 9
@@ -238,7 +238,7 @@ def test_worked_example_losses_through_the_heads(make_cfg, fpn_shapes):
     assert sorted(samples[0].gt_classes.tolist()) == [17, 17, 17, K, K]
 
 
-# ---------------------------------------------------------------- FPN init (spec §2.7)
+# ---------------------------------------------------------------- FPN init
 @pytest.mark.parametrize("meta_arch,mode", [("DecoupledRCNN", "xavier_uniform"),
                                             ("DecoupledRCNN", "c2_xavier"),
                                             ("GeneralizedRCNN", "xavier_uniform")])

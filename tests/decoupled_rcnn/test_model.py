@@ -1,4 +1,4 @@
-"""Modules, RPN proposal sets, training rows, inference and edge cases (spec §1, §3, §9)."""
+"""Modules, RPN proposal sets, training rows, inference and edge cases."""
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -17,7 +17,7 @@ def _count(module):
 
 
 def test_parameter_counts(full_r50_model):
-    """Spec §7.3 / §9.3 (80 classes, 256-channel FPN, 1024-d towers)."""
+    """The authors' R-50 config (80 classes, 256-channel FPN, 1024-d towers)."""
     rh = full_r50_model.roi_heads
     assert isinstance(rh, DecoupledROIHeads)
     assert _count(rh.box_head_cls) == 13_895_680 and _count(rh.box_head_reg) == 13_895_680
@@ -40,7 +40,7 @@ def test_parameter_counts(full_r50_model):
 
 @torch.no_grad()
 def test_head_shapes_and_tower_independence(full_r50_model):
-    """Spec §9.1-2: (N,256,7,7) -> (N,81), (N,320); refine -> (N,4); unshared towers."""
+    """(N,256,7,7) -> (N,81), (N,320); refine -> (N,4); unshared towers."""
     rh = full_r50_model.roi_heads
     torch.manual_seed(0)
     x = torch.randn(5, 256, 7, 7)
@@ -78,7 +78,7 @@ def _image(size=(128, 160), boxes=((10.0, 12, 60, 70), (80, 20, 150, 100)), clas
 
 
 def test_rpn_two_proposal_sets(tiny_model):
-    """Spec §9.7: a pair of sets from one candidate pool; each level's best candidate in both."""
+    """A pair of sets from one candidate pool; each level's best candidate in both."""
     model, cfg = tiny_model
     torch.manual_seed(1)
     rpn = model.proposal_generator
@@ -131,7 +131,7 @@ def _proposal_instances(boxes, size):
 
 
 def test_training_rows_per_stage(make_cfg, fpn_shapes):
-    """Spec §9.6, §9.8: 2 x (512 + 512) stage-0 rows, 2 x 512 rows in stages 1 and 2; GT boxes
+    """2 x (512 + 512) stage-0 rows, 2 x 512 rows in stages 1 and 2; GT boxes
     only among the classification rows."""
     torch.manual_seed(0)
     cfg = make_cfg(opts=["MODEL.ROI_BOX_HEAD.FC_DIM", 16])
@@ -205,7 +205,7 @@ def test_no_positives_and_empty_images(tiny_model):
 
 @torch.no_grad()
 def test_inference_scores_boxes_and_limits(tiny_model):
-    """Spec §9.14, 15, 18: stage-0 scores on the original proposals; one box per proposal."""
+    """Stage-0 scores on the original proposals; one box per proposal."""
     model, cfg = tiny_model
     model.eval()
     heads = model.roi_heads

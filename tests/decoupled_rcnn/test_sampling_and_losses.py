@@ -1,4 +1,4 @@
-"""Decoupled sampling, stage-0/refine targets and loss normalisers (spec §2, §9.8-13)."""
+"""Decoupled sampling, stage-0/refine targets and loss normalisers."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def _worked_example(heads):
 
 
 def test_worked_example_samples(heads):
-    """Spec §9.9: which proposals each branch samples, row order and labels."""
+    """Which proposals each branch samples, row order and labels."""
     _, cls_s, reg_s, rows = _worked_example(heads)
     cls_boxes = [tuple(b) for b in cls_s[0].proposal_boxes.tensor.tolist()]
     cls_labels = cls_s[0].gt_classes.tolist()
@@ -76,7 +76,7 @@ def test_worked_example_samples(heads):
 
 
 def test_worked_example_losses_and_refinement(heads):
-    """Spec §9.9, 12, 13: CE / 5, stage-0 L1 / 9, stage-1 proposals and L1 / (2 * 4)."""
+    """CE / 5, stage-0 L1 / 9, stage-1 proposals and L1 / (2 * 4)."""
     target, _, _, rows = _worked_example(heads)
     r = rows[0]
     torch.manual_seed(1)
@@ -89,11 +89,11 @@ def test_worked_example_losses_and_refinement(heads):
         assert losses["loss_cls"].item() == pytest.approx(ce.item(), rel=1e-6)
         assert losses["loss_box_reg_s0"].item() == pytest.approx((0.5 + 0.0 + 3.3) / 9, rel=1e-5)
 
-        # Regression-row scores do not change loss_cls (§9.13).
+        # Regression-row scores do not change loss_cls.
         scores2 = scores.clone()
         scores2[5:] += torch.randn(4, 81) * 5
         assert predictor.losses((scores2, deltas), rows)["loss_cls"] == losses["loss_cls"]
-        # Deltas of other classes, of negative / classification rows do not change the L1 (§9.12).
+        # Deltas of other classes, of negative / classification rows do not change the L1.
         deltas2 = torch.randn(9, 320)
         deltas2[5:8, 17 * 4:18 * 4] = 0
         loss_b = predictor.losses((scores, deltas2), rows)["loss_box_reg_s0"]
@@ -124,7 +124,7 @@ def test_worked_example_losses_and_refinement(heads):
 
 
 def test_positive_first_sampler_counts():
-    """Spec §9.10."""
+    """Positive-first regression sampling counts."""
     torch.manual_seed(0)
     labels = torch.cat([torch.full((600,), 3), torch.full((100,), 80)])[torch.randperm(700)]
     pos, neg = positive_first_sample(labels, 512, 80)
@@ -140,7 +140,7 @@ def test_positive_first_sampler_counts():
 
 
 def test_classification_sampler_counts(heads):
-    """300 positives (GT included) -> 128 positives + 384 negatives (spec §9.10)."""
+    """300 positives (GT included) -> 128 positives + 384 negatives."""
     torch.manual_seed(0)
     shifts = torch.arange(299, dtype=torch.float32)[:, None] * 0.1
     positives = torch.tensor([G]) + shifts  # IoU >= 0.5 with g
@@ -153,7 +153,7 @@ def test_classification_sampler_counts(heads):
 
 
 def test_loss_arithmetic_two_images(make_cfg, fpn_shapes):
-    """Spec §9.11: one positive regression row missing its targets by 0.5 on each coordinate."""
+    """One positive regression row missing its targets by 0.5 on each coordinate."""
     torch.manual_seed(0)
     cfg = make_cfg(opts=SMALL)
     heads = DecoupledROIHeads(cfg, fpn_shapes(8))

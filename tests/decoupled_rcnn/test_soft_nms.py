@@ -1,4 +1,4 @@
-"""projects_common.soft_nms against a direct loop-based reference (spec §3 step 6, §9.18-19)."""
+"""projects_common.soft_nms against a direct loop-based reference."""
 import math
 
 import pytest
@@ -53,7 +53,7 @@ def _random_boxes(n, num_classes, seed, size=400.0, dtype=torch.float64):
 
 
 def test_spec_two_box_example():
-    """Spec §9.19: IoU 0.6 -> 0.8 * 0.4; IoU 0.4 unchanged; IoU exactly 0.5 -> 0.4."""
+    """IoU 0.6 -> 0.8 * 0.4; IoU 0.4 unchanged; IoU exactly 0.5 -> 0.4."""
     # Boxes [0,0,10,10] and [0,0,10,w]: IoU = w / 10 for w <= 10.
     for width, expected in ((6.0, 0.8 * 0.4), (4.0, 0.8), (5.0, 0.4)):
         boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, width]], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The configs encode the seed rows (spec §5.1): schedules, scales, DCN, TTA, RPN NMS 0.85.
+"""The configs encode the seed rows: schedules, scales, DCN, TTA, RPN NMS 0.85.
 (Building and one training iteration of every YAML is the foundation config sweep.)"""
 import pytest
 

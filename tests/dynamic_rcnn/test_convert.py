@@ -1,4 +1,4 @@
-"""Checkpoint conversion (spec §6b) on synthetic upstream state dicts: every key mapped or
+"""Checkpoint conversion on synthetic upstream state dicts: every key mapped or
 dropped, background rows reordered, the result loads into the Detectron2 model exactly."""
 import importlib.util
 import os
@@ -35,7 +35,7 @@ def _reference(model):
             if not k.startswith("roi_heads.dynamic_state.")}
 
 
-# Upstream names, written from the spec tables (§6b.1-§6b.3), independent of the converter.
+# Upstream names, written from the released checkpoints' key names, independent of the converter.
 _ORIG_HEADS = {
     "proposal_generator.rpn_head.conv.": "rpn_conv.",
     "proposal_generator.rpn_head.objectness_logits.": "rpn_cls_logits.",

@@ -1,5 +1,5 @@
-"""Two processes (torch.distributed gloo on CPU): per-rank vs synchronized statistics (spec §4,
-VF-22). The workers run DynamicROIHeads on rank-specific data; the test checks that
+"""Two processes (torch.distributed gloo on CPU): per-rank vs synchronized statistics.
+The workers run DynamicROIHeads on rank-specific data; the test checks that
 * SYNC_STATS=False: each rank's T/beta sequence equals a single-process run on its own data,
   identical data on both ranks gives identical sequences;
 * SYNC_STATS=True: both ranks always hold the same T/beta, equal to the update rule applied to
@@ -135,7 +135,7 @@ def _replay_local(stats):
 def test_per_rank_statistics(results):
     r0, r1 = results[0]["local"], results[1]["local"]
     assert r0["stats"] != r1["stats"]  # different data on the two ranks
-    assert r0["seq"] != r1["seq"]  # -> different thresholds / betas (VF-22)
+    assert r0["seq"] != r1["seq"]  # -> different thresholds / betas
     for r in (r0, r1):
         expected = _replay_local(r["stats"])
         assert sum(r["seq"], []) == pytest.approx(sum(expected, []))

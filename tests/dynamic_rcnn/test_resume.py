@@ -1,4 +1,4 @@
-"""Checkpoint / resume of the dynamic state (spec §4, VF-23): a run resumed from a checkpoint
+"""Checkpoint / resume of the dynamic state: a run resumed from a checkpoint
 (DetectionCheckpointer, as `--resume` uses) continues with the same T_now / beta_now sequence
 and the same windows as the uninterrupted run."""
 import torch

@@ -1,4 +1,4 @@
-"""DynamicROIHeads: loss values at the dynamic beta, edge cases, logging (spec §3.1, §7, §8)."""
+"""DynamicROIHeads: loss values at the dynamic beta, edge cases, logging."""
 import math
 
 import pytest
@@ -278,7 +278,7 @@ def test_eval_mode_is_standard_inference():
     assert int(head.dynamic_state.iteration) == 0
 
 
-# ---- end-to-end values through the ROI heads (spec §7), expected values computed by hand ------
+# ---- end-to-end values through the ROI heads, expected values computed by hand ------
 # Independent references: plain-Python IoU and regression labels written from the paper's
 # definitions (never the package's or Detectron2's helpers).
 def _iou(a, b):
@@ -468,7 +468,7 @@ def test_vf3_label_rule_at_the_threshold():
 
 @pytest.mark.parametrize("k_beta", [2, 10])
 def test_vf10_vf11_beta_statistic_over_sampled_positives(k_beta):
-    """VF-10 labels: proposal (0,0,100,100) to GT (5,0,105,100): e = 0.25; to GT
+    """Labels: proposal (0,0,100,100) to GT (5,0,105,100): e = 0.25; to GT
     (10,20,120,110): e = 1.5. E_k = min(K_beta * n, #pos)-th smallest over the sampled
     positives of both images (appended GTs have e = 0); K_beta = 10 > #pos gives the largest."""
     g_a, g_b = [5, 0, 105, 100], [10, 20, 120, 110]
@@ -549,16 +549,16 @@ def test_vf8_iou_floor_and_no_cap():
 
 
 @pytest.mark.parametrize("median,beta_eps,es,expected", [
-    # VF-12 scaled to C = 10: S_E = 0.1 .. 1.0 -> numpy median 0.55, upper median 0.6
+    # Scaled to C = 10: S_E = 0.1 .. 1.0 -> numpy median 0.55, upper median 0.6
     ("numpy", 1e-15, [i / 10 for i in range(1, 11)], 0.55),
     ("upper", 1e-15, [i / 10 for i in range(1, 11)], 0.6),
-    # VF-13: 5 x 0 + 5 x 0.3 -> numpy 0.15, upper 0.3; 6 x 0 + 4 x 0.3 -> median 0: the default
+    # 5 x 0 + 5 x 0.3 -> numpy 0.15, upper 0.3; 6 x 0 + 4 x 0.3 -> median 0: the default
     # keeps the previous beta (1.0), the authors' code (upper, no guard) sets beta = 0
     ("numpy", 1e-15, [0.0] * 5 + [0.3] * 5, 0.15),
     ("upper", 1e-15, [0.0] * 5 + [0.3] * 5, 0.3),
     ("numpy", 1e-15, [0.0] * 6 + [0.3] * 4, 1.0),
     ("upper", 0.0, [0.0] * 6 + [0.3] * 4, 0.0),
-    # VF-14: all 1.7 -> cap 1.0
+    # All 1.7 -> cap 1.0
     ("numpy", 1e-15, [1.7] * 10, 1.0),
 ])
 def test_vf12_vf13_vf14_beta_window_median_through_forward(median, beta_eps, es, expected):

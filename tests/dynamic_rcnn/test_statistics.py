@@ -1,4 +1,4 @@
-"""Numeric checks of the Dynamic R-CNN statistics and window updates (spec §2, §3, §7)."""
+"""Numeric checks of the Dynamic R-CNN statistics and window updates."""
 import pytest
 import torch
 from detectron2.modeling.box_regression import Box2BoxTransform

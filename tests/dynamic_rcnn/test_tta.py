@@ -1,4 +1,4 @@
-"""Multi-scale + flip test (spec §5.1): the standard pass plus TEST.AUG scales, each flipped."""
+"""Multi-scale + flip test: the standard pass plus TEST.AUG scales, each flipped."""
 import pytest
 import torch
 from detectron2.modeling import GeneralizedRCNNWithTTA, build_model

@@ -1,4 +1,4 @@
-"""Converter from the authors' mmdetection-v1 checkpoints (spec §6): every key mapped or
+"""Converter from the authors' mmdetection-v1 checkpoints: every key mapped or
 dropped, shapes asserted, anchor permutation for Detectron2's anchor order."""
 import os
 import subprocess
@@ -17,7 +17,7 @@ from rdsnet.convert import convert_rdsnet_state_dict, mmdet_to_d2_key, permute_a
 
 
 def mmdet_source(trunk, c_in=(512, 1024, 2048), fpn=256, pix=256, num_classes=80, a=9, d=32):
-    """An upstream-layout state dict (names and shapes of spec §6.1) with random values.
+    """An upstream-layout state dict (the authors' names and shapes) with random values.
 
     ``trunk`` is a torchvision ResNet (mmdet's ResNet uses torchvision's names).
     """
@@ -53,7 +53,7 @@ def mmdet_source(trunk, c_in=(512, 1024, 2048), fpn=256, pix=256, num_classes=80
 
 
 def test_r50_checkpoint_layout_converts_completely():
-    """§6.1: 393 upstream entries; 53 num_batches_tracked dropped (FrozenBN); all 340 targets filled."""
+    """393 upstream entries; 53 num_batches_tracked dropped (FrozenBN); all 340 targets filled."""
     with torch.device("meta"):
         source = mmdet_source(torchvision.models.resnet50())
         cfg = load_config(

@@ -1,5 +1,5 @@
 """RDSNet's training GT boxes follow the authors' pipeline: inclusive [x, y, x+w-1, y+h-1]
-scaled by the resize factor s (spec §2.1), also after a horizontal flip (x' = W - 1 - x)."""
+scaled by the resize factor s, also after a horizontal flip (x' = W - 1 - x)."""
 import numpy as np
 import pytest
 import rdsnet_tiny

@@ -1,13 +1,14 @@
 """RDSNet end to end by value: the meta-architecture built from a config, driven on hand-made
-inputs, against references written here from the spec's formulas (never the package's code).
+inputs, against references written here from the formulas of the paper and the authors' code
+(never the package's code).
 
-Training (§2.2-§2.5, §7.2, §7.5-§7.7): the predictors and the pixel-stream projection are
+Training: the predictors and the pixel-stream projection are
 zeroed, so every anchor predicts its bias (constant class logits, deltas and representations)
 and every pixel the same embedding. The expected focal, smooth-L1 and mask losses then follow
 from the mmdet anchors, the "+1" assignment, the GT-mask downsampling, the training crop, the
 hard-negative mining and the three normalisers.
 
-Inference (§3, §1.5, §1.6, §7.4, §7.8): the head and pixel-stream outputs are replaced by
+Inference: the head and pixel-stream outputs are replaced by
 hand-made maps; the expected boxes (decode, clip, rescale to the original image, "+1" NMS
 there, "+1" export), scores, classes, masks (x4 bilinear, unpad, bilinear with corners
 aligned to the original size, softmax, 10 % crop, > 0.4) and MBRM boxes are computed here.
@@ -24,7 +25,7 @@ from detectron2.utils.events import EventStorage
 
 K = 3  # classes of the tiny config
 D = 32  # representation dimension d
-# One anchor per location (ratio 1, size 4 x stride): the ratio-1 / scale-4 column of §7.2.
+# One anchor per location (ratio 1, size 4 x stride): the ratio-1 / scale-4 column of mmdet's.
 ONE_ANCHOR_OPTS = [
     "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]],
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[1.0]],
@@ -125,7 +126,7 @@ def ref_smooth_l1(x, beta=0.11):
 
 
 def ref_crop_range(lo, hi, size, padding, plus=1):
-    """§1.5 along one axis: pad = max(padding (hi - lo + 1), 1); [int(lo - pad), int(hi + pad))."""
+    """Crop along one axis: pad = max(padding (hi - lo + 1), 1); [int(lo - pad), int(hi + pad))."""
     pad = max(padding * (hi - lo + plus), 1.0)
     return int(max(lo - pad, 0.0)), int(min(hi + pad, float(size)))
 
@@ -139,7 +140,7 @@ def ref_crop(box, h, w, padding, plus=1):
 
 
 def ref_stride4_targets(mask):
-    """§7.6: stride-4 pixel (r, c) is foreground iff >= 3 of {4r+1, 4r+2} x {4c+1, 4c+2} are."""
+    """Stride-4 pixel (r, c) is foreground iff >= 3 of {4r+1, 4r+2} x {4c+1, 4c+2} are."""
     h, w = mask.shape[0] // 4, mask.shape[1] // 4
     out = torch.zeros(h, w, dtype=torch.long)
     for r in range(h):
@@ -149,7 +150,7 @@ def ref_stride4_targets(mask):
 
 
 def ref_instance_mask_loss(targets, ce_pos, ce_neg, ratio=1.0):
-    """§2.5 with the authors' ranking: sort all pixels by negative CE (positives / ignored = 0,
+    """OHEM with the authors' ranking: sort all pixels by negative CE (positives / ignored = 0,
     ties in pixel order), keep negatives ranked < ratio n_pos; sum / (kept + 1)."""
     t = targets.flatten().tolist()
     n_pos = t.count(1)
@@ -261,7 +262,7 @@ def _expected_losses(images, margin, plus=1, gamma=2.0):
 
 @pytest.mark.parametrize("margin, plus_one", [(0.5, True), (-30.0, True), (0.5, False)])
 def test_training_losses_by_value(margin, plus_one):
-    """§2.3-§2.5: loss_cls / loss_box_reg = sums over counted / positive anchors divided by
+    """The loss_cls / loss_box_reg values are sums over counted / positive anchors divided by
     sum_i max(#pos_i, 1); loss_mask = per-instance OHEM losses / (#sampled + 1). With margin
     -30 the background CE saturates to 0 and the authors' ranking keeps fewer negatives.
     ``BOX_PLUS_ONE: False`` (Detectron2's box conventions) is checked with focal gamma 1.5."""
@@ -377,7 +378,7 @@ def _expected_input_boxes():
 
 
 def _expected_soft_masks(pixel, boxes_out):
-    """§3 step 6: 2-channel logits -> x4 (corners not aligned) -> unpad -> original size
+    """2-channel logits -> x4 (corners not aligned) -> unpad -> original size
     (corners aligned) -> softmax channel 1 -> x crop(box, 0.1)."""
     masks = []
     for (_, _, _, _, o_bg, o_fg), box in zip(DETECTIONS, boxes_out):
@@ -396,7 +397,7 @@ def _assert_masks(pred, soft):
 
 
 def test_inference_boxes_scores_masks_by_value():
-    """§3: boxes rescaled to the original image *before* the "+1" NMS (both class-0 boxes
+    """Boxes rescaled to the original image *before* the "+1" NMS (both class-0 boxes
     survive), a one-pixel-wide box kept, "+1" export, scores, classes, and the masks."""
     inst, pixel = _run(refine=False)
     boxes_in = _expected_input_boxes()
@@ -415,7 +416,7 @@ def test_inference_boxes_scores_masks_by_value():
 
     soft = _expected_soft_masks(pixel, boxes_out)
     _assert_masks(inst.pred_masks, soft)
-    # o_fg = o_bg: p = 0.5 everywhere (§7.4), so the mask is exactly the 10 % crop (§7.5)
+    # o_fg = o_bg: p = 0.5 everywhere, so the mask is exactly the 10 % crop
     crop_d2 = ref_crop(boxes_out[1], OUT_H, OUT_W, 0.1)
     assert torch.equal(inst.pred_masks[1], crop_d2)
     assert ref_crop_range(20.0, 28.4, OUT_H, 0.1) == (19, 29)  # padding clamped to 1 px
@@ -426,7 +427,7 @@ def test_inference_boxes_scores_masks_by_value():
 
 
 def ref_mbrm(soft, box, gamma=0.05):
-    """§1.6 for one instance: max profiles, 9-tap kernel (flipped for right / bottom), truncated
+    """MBRM for one instance: max profiles, 9-tap kernel (flipped for right / bottom), truncated
     Gaussian prior around each edge, argmax of the product."""
     w = [-0.2968, -0.2892, -0.2635, -3.2545, -0.1874, 2.5041, 0.0196, 0.0651, 0.0917]
     b = -1.9536
@@ -450,7 +451,7 @@ def ref_mbrm(soft, box, gamma=0.05):
 
 
 def test_inference_mbrm_by_value():
-    """§1.6 / §7.8: with MBRM the boxes are the refined integer edges (+1 exported) of the
+    """With MBRM the boxes are the refined integer edges (+1 exported) of the
     soft cropped masks at the original size; masks, scores and classes are unchanged."""
     base, pixel = _run(refine=False)
     inst, _ = _run(refine=True)

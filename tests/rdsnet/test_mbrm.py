@@ -1,4 +1,4 @@
-"""MBRM on the spec's synthetic profiles and masks (§1.6, §7.8)."""
+"""MBRM on hand-made synthetic profiles and masks."""
 import math
 
 import pytest
@@ -19,7 +19,7 @@ def _mask(value=1.0):
 
 
 def test_step_response(mbrm):
-    """§7.8: left/right responses to a 1-D step, bias-only value 0.12416."""
+    """Left/right responses to a 1-D step, bias-only value 0.12416."""
     h = torch.tensor([[0.0] * 5 + [1.0] * 10 + [0.0] * 5])
     left = mbrm.boundary_evidence(h, flip=False)[0]
     expected = [0.1242, 0.1345, 0.1422, 0.1446, 0.6741, 0.6317, 0.0621]
@@ -46,7 +46,7 @@ def test_step_response(mbrm):
     ],
 )
 def test_refined_boxes(mbrm, box, expected):
-    """§7.8 table: refined boxes of the 100x120 rectangle mask; scores pass through."""
+    """Refined boxes of the 100x120 rectangle mask; scores pass through."""
     out = mbrm.get_boxes(_mask(), torch.tensor([box], dtype=torch.float32), torch.tensor([0.7]))
     assert out[0, :4].tolist() == expected
     assert torch.isclose(out[0, 4], torch.tensor(0.7))
@@ -64,7 +64,7 @@ def test_soft_mask_and_batch(mbrm):
 
 
 def test_empty_mask_gives_rounded_box_and_gaussian_posterior(mbrm):
-    """§7.8: all-zero mask -> posterior = normalised truncated Gaussian; box rounded."""
+    """All-zero mask -> posterior = normalised truncated Gaussian; box rounded."""
     box = torch.tensor([[30.0, 20.0, 89.0, 59.0]])
     dists = mbrm(torch.zeros(1, 100, 120), box)
     expected = [0.0322, 0.0540, 0.0807, 0.1076, 0.1278, 0.1354, 0.1278]
@@ -81,7 +81,7 @@ def test_empty_mask_gives_rounded_box_and_gaussian_posterior(mbrm):
 
 
 def test_no_detections(mbrm):
-    """§1.6: forward returns None and get_boxes a (0, 5) tensor without detections."""
+    """Forward returns None and get_boxes a (0, 5) tensor without detections."""
     assert mbrm(torch.zeros(0, 10, 12), torch.zeros(0, 4)) is None
     assert mbrm.get_boxes(torch.zeros(0, 10, 12), torch.zeros(0, 4), torch.zeros(0)).shape == (0, 5)
     assert mbrm.refine_from_profiles(torch.zeros(0, 12), torch.zeros(0, 10), torch.zeros(0, 4)).shape == (0, 4)
@@ -97,7 +97,7 @@ def test_constants_are_fixed_buffers(mbrm):
 
 
 def test_sigma_has_no_plus_one(mbrm):
-    """§8.3: sigma = gamma (x2 - x1) = 2.7 for box [24, 20, 78, 59] on the 100x120 rectangle
+    """Sigma = gamma (x2 - x1) = 2.7 for box [24, 20, 78, 59] on the 100x120 rectangle
     (columns 30..89). At x1 = 24 the evidence is the bias alone (profile zero over 20..28):
     0.12416 x prior 1; at the true edge 29: 0.6741 x exp(-5^2 / (2 * 2.7^2)) = 0.1213 < 0.12416,
     so x1 stays 24. With a "+1" width (sigma 2.75) the edge would move to 29."""
@@ -108,8 +108,8 @@ def test_sigma_has_no_plus_one(mbrm):
 
 
 def test_each_distribution_row_sums_to_one_and_single_box(mbrm):
-    """§7.8: every row of every distribution sums to 1 (normalised per instance, not over the
-    batch); one detection through the profiles path gives the §7.8 refined box."""
+    """Every row of every distribution sums to 1 (normalised per instance, not over the
+    batch); one detection through the profiles path gives the same refined box."""
     masks = torch.cat([_mask(0.6), _mask(1.0)])
     boxes = torch.tensor([[30, 20, 89, 59], [26, 17, 93, 63]], dtype=torch.float32)
     for d in mbrm(masks, boxes):

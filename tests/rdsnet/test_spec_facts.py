@@ -1,4 +1,4 @@
-"""RDSNet verification facts of the spec (§7): shapes, anchors, parameter counts, crop,
+"""Hand-computed facts of the authors' RDSNet: shapes, anchors, parameter counts, crop,
 GT-mask downsampling, mask loss with/without OHEM, correlation, box conventions."""
 import math
 import os
@@ -35,7 +35,7 @@ def _shapes(model, h, w):
 
 
 def test_shapes_800x1216(meta_r50):
-    """§7.1: FPN sizes, head channels, 182,403 anchors, 64-d reps, pixel map 200x304."""
+    """FPN sizes, head channels, 182,403 anchors, 64-d reps, pixel map 200x304."""
     feats, head_feats = _shapes(meta_r50, 800, 1216)
     sizes = {k: tuple(v.shape[-2:]) for k, v in feats.items()}
     assert sizes == {"p3": (100, 152), "p4": (50, 76), "p5": (25, 38), "p6": (13, 19), "p7": (7, 10)}
@@ -50,7 +50,7 @@ def test_shapes_800x1216(meta_r50):
 
 
 def test_shapes_coco_example(meta_r50):
-    """§7.1 example: 480x640 -> 800x1067 padded to 800x1088: 163,206 anchors, map 200x272."""
+    """Example: 480x640 -> 800x1067 padded to 800x1088: 163,206 anchors, map 200x272."""
     from rdsnet.targets import pad_shape
 
     assert pad_shape((800, 1067), 32) == (800, 1088)
@@ -63,7 +63,7 @@ def test_shapes_coco_example(meta_r50):
 
 
 def test_parameter_counts(meta_r50):
-    """§6.1/§7.3: head 10,154,292; pixel stream 2,959,904; FPN 7,997,440; R-50 model 44,619,668.
+    """Head 10,154,292; pixel stream 2,959,904; FPN 7,997,440; R-50 model 44,619,668.
 
     The trunk uses FrozenBN, whose affine weight/bias are buffers: they are counted with the
     parameters (mmdet counts them as BN parameters).
@@ -81,7 +81,7 @@ def test_parameter_counts(meta_r50):
 
 
 def test_head_init_and_rep_layout(meta_r50):
-    """§1.2 init: classification bias -4.59512; no bias in the GN tower convs."""
+    """Init: classification bias -4.59512; no bias in the GN tower convs."""
     cfg = load_config(R50, ["MODEL.DEVICE", "cpu", "MODEL.RDSNET.NUM_CLASSES", 2])
     from rdsnet import RDSNetHead
 
@@ -111,7 +111,7 @@ SPEC_BASE_ANCHORS = {
 
 
 def test_base_anchors_per_level(meta_r50):
-    """§7.2: the generator's cell anchors equal mmdet's, and location (i, j) adds (j s, i s)."""
+    """The generator's cell anchors equal mmdet's, and location (i, j) adds (j s, i s)."""
     cfg = load_config(R50, ["MODEL.DEVICE", "cpu"])
     from detectron2.modeling import build_anchor_generator
 
@@ -128,7 +128,7 @@ def test_base_anchors_per_level(meta_r50):
 
 
 def test_detectron2_anchor_order_is_size_major():
-    """§6.3: D2 slot s*3 + r has the shape of mmdet slot r*3 + s (the converter's permutation)."""
+    """D2 slot s*3 + r has the shape of mmdet slot r*3 + s (the converter's permutation)."""
     sizes = [32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)]
     d2 = DefaultAnchorGenerator(sizes=[sizes], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[8])
     cell = list(d2.cell_anchors)[0]
@@ -141,7 +141,7 @@ def test_detectron2_anchor_order_is_size_major():
 
 
 def test_box_coder_plus_one():
-    """§1.2: "+1" widths, decode offsets of 0.5, clamp 4.1352; encode/decode round trip."""
+    """The "+1" widths, decode offsets of 0.5, clamp 4.1352; encode/decode round trip."""
     coder = Box2BoxTransformPlusOne((1.0, 1.0, 1.0, 1.0), scale_clamp=math.log(1000 / 16))
     anchor = torch.tensor([[0.0, 0.0, 9.0, 19.0]])  # w 10, h 20, centre (4.5, 9.5)
     gt = torch.tensor([[2.0, 4.0, 21.0, 13.0]])  # w 20, h 10, centre (11.5, 8.5)
@@ -155,7 +155,7 @@ def test_box_coder_plus_one():
 
 
 def test_iou_plus_one_and_matcher_override():
-    """§2.2: "+1" IoU; rule 4 re-points low-quality matches to the GT whose max they are."""
+    """The "+1" IoU; rule 4 re-points low-quality matches to the GT whose max they are."""
     a = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
     b = torch.tensor([[5.0, 0.0, 14.0, 9.0]])
     assert torch.isclose(box_iou(a, b, True)[0, 0], torch.tensor(50 / 150))
@@ -168,7 +168,7 @@ def test_iou_plus_one_and_matcher_override():
 
 
 def test_crop_facts():
-    """§7.5: half-open expanded boxes, padding fraction of (w + 1), clamped >= 1 px."""
+    """Half-open expanded boxes, padding fraction of (w + 1), clamped >= 1 px."""
     box = torch.tensor([[10.0, 5.0, 29.0, 24.0]])
     m = crop_mask(box, 50, 60, 0.25)[0]
     cols, rows = m.any(0).nonzero()[:, 0], m.any(1).nonzero()[:, 0]
@@ -183,7 +183,7 @@ def test_crop_facts():
 
 
 def test_gt_mask_downsampling():
-    """§7.6: a stride-4 pixel is foreground iff >= 3 of its 2x2 sampled block are."""
+    """A stride-4 pixel is foreground iff >= 3 of its 2x2 sampled block are."""
     m = torch.zeros(1, 8, 8)
     m[0, 1, 1] = m[0, 1, 2] = m[0, 2, 1] = 1
     small = torch.nn.functional.interpolate(m[:, None], scale_factor=0.25, mode="bilinear")
@@ -204,7 +204,7 @@ def _tiny_example(n=1):
 
 
 def test_mask_loss_ohem_values():
-    """§7.7: OHEM 8 ln2 / 9 = 0.616131; without 16 ln2 / 17 = 0.652374; ignore; batch norm."""
+    """OHEM 8 ln2 / 9 = 0.616131; without 16 ln2 / 17 = 0.652374; ignore; batch norm."""
     logits, target = _tiny_example()
     assert torch.isclose(instance_mask_losses(logits, target, 1.0)[0], torch.tensor(0.616131), atol=1e-6)
     assert torch.isclose(instance_mask_losses(logits, target, 0.0)[0], torch.tensor(0.652374), atol=1e-6)
@@ -230,7 +230,7 @@ def test_mask_loss_keeps_hardest_negatives():
 
 
 def test_correlation_facts():
-    """§7.4: softmax channel 1 = sigmoid(<U, o_fg - o_bg>); swap -> 1 - p; equal -> 0.5."""
+    """Softmax channel 1 = sigmoid(<U, o_fg - o_bg>); swap -> 1 - p; equal -> 0.5."""
     torch.manual_seed(0)
     u = torch.randn(32, 5, 6)
     o = torch.randn(3, 64)
@@ -304,7 +304,7 @@ def test_crop_without_plus_one():
 
 
 def test_box_coder_clamps_both_directions():
-    """§1.2: dw and dh are clamped to +-4.1352 on both sides (w x 16/1000, h x 1000/16)."""
+    """The deltas dw and dh are clamped to +-4.1352 on both sides (w x 16/1000, h x 1000/16)."""
     coder = Box2BoxTransformPlusOne((1.0, 1.0, 1.0, 1.0), scale_clamp=math.log(1000 / 16))
     anchor = torch.tensor([[0.0, 0.0, 9.0, 19.0]])
     out = coder.apply_deltas(torch.tensor([[0.0, 0.0, -10.0, 10.0]]), anchor)[0]
@@ -313,8 +313,9 @@ def test_box_coder_clamps_both_directions():
 
 
 def test_matcher_rule4_points_to_the_gt_whose_max_it_is():
-    """§2.2 rule 4 for GT 0 (index 0 included): anchor 0 is GT0's best (0.3) although GT1 has
-    0.6 there -> GT0; anchor 1 -> GT1 (its best); anchor 2 (best of none) keeps the argmax."""
+    """MaxIoUAssigner rule 4 for GT 0 (index 0 included): anchor 0 is GT0's best (0.3) although
+    GT1 has 0.6 there -> GT0; anchor 1 -> GT1 (its best); anchor 2 (best of none) keeps the
+    argmax."""
     iou = torch.tensor([[0.3, 0.1, 0.0], [0.6, 0.7, 0.0]])
     matcher = LowQualityOverrideMatcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
     matches, labels = matcher(iou)

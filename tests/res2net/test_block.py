@@ -1,4 +1,4 @@
-"""Bottle2neck semantics (spec §1.2, §1.7): which inputs the hierarchical 3x3 convs see, the
+"""Bottle2neck semantics: which inputs the hierarchical 3x3 convs see, the
 bypassed last split, the first-of-stage average pool, scale 1 and scale 2."""
 import pytest
 import torch
@@ -84,7 +84,7 @@ def test_first_block_without_stride1_pool_passes_last_split():
 
 
 def test_scale_one_is_a_plain_bottleneck():
-    # §1.2 item 9: one 3x3 conv over all `width` channels, no split, no pool.
+    # one 3x3 conv over all `width` channels, no split, no pool.
     block, x = make(scale=1, is_first=True, stride=2, width=6)
     rec = capture(block, x)
     assert len(block.convs) == 1 and block.convs[0].in_channels == 6

@@ -1,7 +1,7 @@
-"""Converter (spec §4, §7 items 9-10 and "Numerical equivalence"): state dicts generated in each
+"""Converter: state dicts generated in each
 source layout (official = timm, mmdet, maskrcnn-benchmark, torchvision) convert back exactly,
-counts match §7, bad input is reported, and converted weights reproduce an independent
-functional forward of the official network (with the spec's negative controls)."""
+tensor counts match, bad input is reported, and converted weights reproduce an independent
+functional forward of the official network (with negative controls)."""
 import pickle
 import re
 
@@ -39,7 +39,7 @@ def random_d2_state(**arch):
     return sd
 
 
-# ---- generators of the upstream layouts, written from the spec's tables (§4.1-§4.3) ---------
+# ---- generators of the upstream layouts, written from the released checkpoints ------
 def _stem_name(k, layout, variant):
     table = {
         ("official", "v1"): {"conv1": ("conv1", "bn1")},
@@ -98,7 +98,7 @@ def assert_same(converted, d2, prefix="backbone.bottom_up."):
 def test_official_timm_round_trip_and_counts(variant, depth, width, scale, n_src, n_dst):
     d2 = random_d2_state(variant=variant, depth=depth, base_width=width, scale=scale)
     src = to_layout(d2, "official", variant)
-    assert len(src) == n_src  # §4.1 counts with num_batches_tracked and fc
+    assert len(src) == n_src  # counts with num_batches_tracked and fc
     assert len(src) - sum(k.endswith("num_batches_tracked") for k in src) == n_dst + 2  # + fc
     assert detect_layout(src) == "official"
     converted, info = convert_res2net_state_dict(src)
@@ -267,7 +267,7 @@ def test_file_round_trip_cli_and_detectron2_loading(tmp_path):
     assert not (tmp_path / "w.bin").exists()
 
 
-# ---- numerical equivalence with an independent functional forward (§1.7) -------------------
+# ---- numerical equivalence with an independent functional forward -------------------
 def reference_deform_conv(x, offset, weight, *, stride, mask=None):
     """3x3 deformable conv (padding 1) from its definition (Dai et al. 2017, Eq. 2; Zhu et al.
     2019, Eq. 1): y(p0) = sum_k w_k x(p0 + p_k + dp_k) m_k, x sampled bilinearly with zeros
@@ -296,11 +296,11 @@ def reference_deform_conv(x, offset, weight, *, stride, mask=None):
 
 def reference_forward(sd, variant, x, *, bypass_first=False, count_include_pad=True,
                       modulated=False):
-    """The official network written directly from spec §1.2-§1.4 on official-layout keys.
+    """The official network written directly from paper Sec. 3.1 on official-layout keys.
 
-    Returns {"res2".."res5": features}. ``bypass_first``/``count_include_pad`` are the spec's
+    Returns {"res2".."res5": features}. ``bypass_first``/``count_include_pad`` are
     negative controls (paper's split order; timm's FIXME pool padding). A K_i with an offset
-    conv (``convs.{i}.conv_offset``, mmdet naming) is deformable (spec §5.5): its offsets (and
+    conv (``convs.{i}.conv_offset``, mmdet naming) is deformable: its offsets (and
     with ``modulated`` the sigmoid masks after them) are a 3x3 conv of K_i's input.
     """
     def bn(t, p):

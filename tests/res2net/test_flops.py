@@ -1,4 +1,4 @@
-"""Complexity at the ImageNet setting (spec §3, paper Table 1: Res2Net-50 26w x 4s = 4.2
+"""Complexity at the ImageNet setting (paper Table 1: Res2Net-50 26w x 4s = 4.2
 GFLOPs, i.e. multiply-accumulates, at 224 x 224) through the project's tools/analyze_model.py
 (--backbone-only: the trunk of cfg.MODEL.BACKBONE plus a 1000-way fc)."""
 import importlib.util
@@ -22,7 +22,7 @@ def analyze_model():
     return sys.modules[name]
 
 
-# config, overrides, spec §3 recount of conv + fc MACs, params with fc (BN gamma/beta counted)
+# config, overrides, hand recount of conv + fc MACs, params with fc (BN gamma/beta counted)
 CASES = [
     ("mask_rcnn_R2_50_26w4s_FPN_2x.yaml", [], 4.255, 25_699_120),
     ("mask_rcnn_R2_50_26w4s_FPN_2x.yaml", ["MODEL.RES2NET.VARIANT", "v1b"], 4.495, 25_718_352),
@@ -35,7 +35,7 @@ def test_trunk_flops_and_params_at_224(config, opts, recount_gmacs, params):
                     opts + ["MODEL.RES2NET.NORM", "BN"])  # BN: gamma/beta are parameters
     r = analyze_model().analyze_backbone(cfg, (224, 224))
     assert r["params_with_fc"] == params
-    # fvcore counts one flop per multiply-add of convs and the fc: the spec's exact recount.
+    # fvcore counts one flop per multiply-add of convs and the fc: the exact recount.
     assert r["gflops_with_fc"] == pytest.approx(recount_gmacs, rel=2e-3)
     if opts == [] and "26w4s" in config:
         # Paper / official README: 4.2 G for Res2Net-50 (within 3%).

@@ -1,4 +1,4 @@
-"""Structure facts of spec §7 (items 1-7, 9, 10) and §3/§5: channels, strides, shapes,
+"""Structure facts: channels, strides, shapes,
 exact parameter and tensor counts, norms, freezing, deformable convs, dilation, FPN wiring."""
 import pytest
 import torch
@@ -44,7 +44,7 @@ def r2_50_v1():
 
 
 def test_channels_and_strides_per_stage():
-    # §7 item 1: 256/512/1024/2048 at strides 4/8/16/32, stem 64 ch at stride 4 (v1 and v1b).
+    # 256/512/1024/2048 at strides 4/8/16/32, stem 64 ch at stride 4 (v1 and v1b).
     for variant in ("v1", "v1b"):
         shapes = meta(variant=variant, out_features=["stem"] + STAGES).output_shape()
         assert {k: (s.channels, s.stride) for k, s in shapes.items()} == {
@@ -54,7 +54,7 @@ def test_channels_and_strides_per_stage():
 
 
 def test_feature_shapes_224_and_odd_input(r2_50_v1):
-    # §7 items 2 and 4 (ceil-halving for odd sizes, every branch agrees).
+    # Ceil-halving for odd sizes, every branch agrees).
     with torch.no_grad():
         out = r2_50_v1(torch.randn(1, 3, 224, 224))
         assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
@@ -68,7 +68,7 @@ def test_feature_shapes_224_and_odd_input(r2_50_v1):
 
 
 def test_v1b_deep_stem_shapes():
-    # §7 item 2: v1b stem convs 32, 32, 64 channels at 112x112, 64x56x56 after the max-pool.
+    # v1b stem convs 32, 32, 64 channels at 112x112, 64x56x56 after the max-pool.
     model = build_res2net(variant="v1b", norm="BN", out_features=["stem"]).eval()
     seen = []
     for conv in (model.stem.conv1, model.stem.conv2, model.stem.conv3):
@@ -80,7 +80,7 @@ def test_v1b_deep_stem_shapes():
 
 
 def test_detection_input_shapes_with_fpn():
-    # §7 item 3 (spatial sizes do not depend on widths, so a narrow trunk is used).
+    # Spatial sizes do not depend on widths, so a narrow trunk is used.
     cfg = cfg_with(BASE_WIDTH=4, STEM_OUT_CHANNELS=16, RES2_OUT_CHANNELS=32, NORM="BN")
     cfg.MODEL.BACKBONE.NAME = "build_res2net_fpn_backbone"
     cfg.MODEL.FPN.IN_FEATURES = STAGES
@@ -97,7 +97,7 @@ def test_detection_input_shapes_with_fpn():
     }
 
 
-# §3 "trunk w/o fc" column: conv weights + BN gamma/beta (running stats are buffers).
+# "Trunk w/o fc" counts: conv weights + BN gamma/beta (running stats are buffers).
 TRUNK_PARAMS = [
     ("v1", 50, 26, 4, 23_650_120),
     ("v1b", 50, 26, 4, 23_669_352),
@@ -119,7 +119,7 @@ def test_exact_trunk_parameter_counts(variant, depth, width, scale, expected):
 
 
 def test_parameter_counts_with_fc_per_stage_and_conv_only(r2_50_v1):
-    # §7 item 7 (with fc), §3 per-part table and single-block check, conv-only count.
+    # Counts with fc, per part and for a single block, conv-only count.
     with_fc = meta(variant="v1", norm="BN", num_classes=1000)
     assert n_params(with_fc) == 25_699_120
     bn = meta(variant="v1", norm="BN")
@@ -142,19 +142,18 @@ def test_v1b_stem_parameters():
      ("v1b", 101, 26, 4, 860), ("v1", 50, 48, 2, 265), ("v1", 50, 14, 8, 745)],
 )
 def test_tensor_counts_frozen_bn(variant, depth, width, scale, expected):
-    # §4.5 / §7 item 9: FrozenBN saves weight, bias, running_mean, running_var (no counter).
+    # FrozenBN saves weight, bias, running_mean, running_var (no counter).
     model = meta(variant=variant, depth=depth, base_width=width, scale=scale)
     assert len(model.state_dict()) == expected
 
 
 def test_bn_adds_one_counter_per_norm():
-    # §4.5: 85 BN layers in R2-50 v1, 87 in v1b.
+    # 85 BN layers in R2-50 v1, 87 in v1b.
     assert len(meta(variant="v1", norm="BN").state_dict()) == 425 + 85
     assert len(meta(variant="v1b", norm="BN").state_dict()) == 435 + 87
 
 
 def test_block_widths_and_spot_shapes(r2_50_v1):
-    # §7 items 5 and 10.
     sd = r2_50_v1.state_dict()
     for stage, inner, width in zip(STAGES, (104, 208, 416, 832), (26, 52, 104, 208)):
         block = getattr(r2_50_v1, stage)[1]
@@ -176,13 +175,13 @@ def test_block_widths_and_spot_shapes(r2_50_v1):
 
 
 def test_stride_placement(r2_50_v1):
-    # §5.3: pytorch style (weights' training) = stride in the 3x3s; res2.0 pools at stride 1.
+    # pytorch style (weights' training) = stride in the 3x3s; res2.0 pools at stride 1.
     res3_0 = r2_50_v1.res3[0]
     assert res3_0.conv1.stride == (1, 1)
     assert all(c.stride == (2, 2) for c in res3_0.convs) and res3_0.pool_stride == 2
     assert res3_0.shortcut.stride == (2, 2)
     res2_0 = r2_50_v1.res2[0]
-    assert res2_0.pool_last and res2_0.pool_stride == 1  # §7 item 6
+    assert res2_0.pool_last and res2_0.pool_stride == 1
     c2 = meta(variant="v1", stride_in_1x1=True).res3[0]
     assert c2.conv1.stride == (2, 2) and all(c.stride == (1, 1) for c in c2.convs)
     assert c2.pool_stride == 1 and c2.shortcut.stride == (2, 2)
@@ -207,7 +206,7 @@ def test_group_norm_validation():
     assert isinstance(model.res3[0].bns[0], torch.nn.GroupNorm)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-    # 26w: split width 26 is not divisible by d2's usual 32 groups (spec §5.2, §8 item 9).
+    # 26w: split width 26 is not divisible by d2's usual 32 groups.
     with pytest.raises(ValueError, match=r"GN_NUM_GROUPS=32 .* 104 channels"):
         build_res2net(norm="GN", gn_num_groups=32)
     with pytest.raises(ValueError, match=r"GN_NUM_GROUPS=8 .* 26 channels"):
@@ -302,7 +301,7 @@ def test_deform_from_config_and_p67_backbone():
 
 
 def test_fpn_parameter_count():
-    # §5.1: d2 FPN on 256/512/1024/2048 inputs with 256 outputs has 3,344,384 parameters.
+    # d2 FPN on 256/512/1024/2048 inputs with 256 outputs has 3,344,384 parameters.
     cfg = cfg_with()
     cfg.MODEL.BACKBONE.NAME = "build_res2net_fpn_backbone"
     cfg.MODEL.FPN.IN_FEATURES = STAGES
@@ -320,7 +319,7 @@ def test_bad_config_values_raise():
 
 
 def test_vf8_detector_trainable_parameters_from_seed_config():
-    """§7 item 8: the authors' mmdet-fork README counts trainable parameters: v1b-101 trunk
+    """The authors' mmdet-fork README counts trainable parameters: v1b-101 trunk
     43,176,920 - frozen stem + res2 242,824 + FPN 3,344,384 + RPN 593,935 + box head 14,310,805
     = 61.18M (+ mask head 2,643,537 = 63.83M). Their heads predict 81 classes (4 box deltas and
     a mask for the background too); Detectron2's predict 80: 4 x 1025 and 257 fewer."""

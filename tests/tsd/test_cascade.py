@@ -1,4 +1,4 @@
-"""TSD Cascade R-CNN heads (spec §8): per-stage losses, stage weights, logit averaging."""
+"""TSD Cascade R-CNN heads: per-stage losses, stage weights, logit averaging."""
 import unittest
 
 import torch

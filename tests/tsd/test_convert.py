@@ -1,4 +1,4 @@
-"""Converter from the authors' mmdetection-v1 TSD checkpoints (spec §11) on synthetic data."""
+"""Converter from the authors' mmdetection-v1 TSD checkpoints on synthetic data."""
 import copy
 import os
 import re
@@ -123,7 +123,7 @@ class TestConvertTSD(unittest.TestCase):
         self._round_trip(tsd_tiny.tiny_cfg("TSDCascadeROIHeads"), stages=3)
 
     def test_r50_head_table(self):
-        """Spec §11.1 shapes for 81 classes: 45,886,094 parameters, loadable into the
+        """The authors' head shapes for 81 classes: 45,886,094 parameters, loadable into the
         Detectron2 R-50 TSD head after dropping the background regression slots."""
         shapes = expected_head_shapes(81)
         self.assertEqual(sum(torch.Size(s).numel() for s in shapes.values()), 45_886_094)

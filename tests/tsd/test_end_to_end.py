@@ -1,5 +1,5 @@
-"""End-to-end values of the TSD ROI heads built from a config (spec §4–§6, §8; facts 13–15,
-17–19, 21–23 through the public heads).
+"""End-to-end values of the TSD ROI heads built from a config (through the
+public heads).
 
 The heads run on hand-placed proposals and GT with hand-set weights: every last layer (offset
 generator outputs, sibling and TSD predictors) has zero weights and a chosen bias, so ΔC, ΔR,
@@ -152,7 +152,7 @@ W = (10.0, 10.0, 5.0, 5.0)
 
 
 class TestTSDInference(unittest.TestCase):
-    """Spec §6 steps 3–6: scores = softmax(TSD logits), boxes decoded from P̂_r (not P)."""
+    """Scores = softmax(TSD logits), boxes decoded from P̂_r (not P)."""
 
     def _run(self, legacy):
         heads = build_heads(legacy=legacy)
@@ -186,7 +186,7 @@ class TestTSDInference(unittest.TestCase):
         self._run(legacy=True)
 
     def test_worked_translation(self):
-        # spec §12 fact 12 geometry through the heads: P = (10, 20, 109, 69), ΔR = (1, −2),
+        # Worked translation through the heads: P = (10, 20, 109, 69), ΔR = (1, −2),
         # legacy ⇒ P̂_r = (20, 10, 119, 59); zero deltas ⇒ the detection box is P̂_r itself.
         heads = build_heads(legacy=True)
         set_tsd(heads.tsd_head, DR, DC, TSD_LOGITS, torch.zeros(4 * K))
@@ -197,9 +197,9 @@ class TestTSDInference(unittest.TestCase):
 
 
 class TestTSDTrainingLosses(unittest.TestCase):
-    """Spec §4, §5: all six box losses of a batch of two images, against closed-form values.
+    """All six box losses of a batch of two images, against closed-form values.
     Image 0: two proposals (IoU > 0.5 and IoU 0 with its GT) + the appended GT; image 1: two
-    proposals and no GT, so it adds one 0 entry to each PC vector (spec §5.3, fact 20)."""
+    proposals and no GT, so it adds one 0 entry to each PC vector."""
 
     G = [40.0, 50.0, 120.0, 110.0]
     P = [[44.0, 46.0, 128.0, 112.0], [130.0, 10.0, 180.0, 60.0]]  # IoU > 0.5, IoU 0
@@ -226,7 +226,7 @@ class TestTSDTrainingLosses(unittest.TestCase):
             t = ref_encode(p, self.G, W, legacy)
             pr = ref_translate(p, DR, legacy)
             t_tsd = ref_encode(pr, self.G, W, legacy)
-            # spec §4 / fact 14: t_TSD = t − (γ/σ)·ΔR on (dx, dy), exact in both conventions
+            # t_TSD = t − (γ/σ)·ΔR on (dx, dy), exact in both conventions
             for a, b, dr in zip(t_tsd[:2], t[:2], DR):
                 self.assertAlmostEqual(a, b - GAMMA * W[0] * dr, places=9)
             exp["loss_box_reg"] += sum(smooth_l1(a - b) for a, b in zip(SIB_DELTAS[y], t)) / n
@@ -265,7 +265,7 @@ class TestTSDTrainingLosses(unittest.TestCase):
         self._run(legacy=True)
 
     def test_gradients(self):
-        """Spec §5.5: the PC and TSD losses do not reach the sibling; loss_tsd_box_reg and
+        """The PC and TSD losses do not reach the sibling; loss_tsd_box_reg and
         loss_pc_loc reach ΔR; the sibling losses do not reach the TSD branch."""
         heads, losses = self._run(legacy=False)
         og, pred = heads.tsd_head.offset_generator, heads.tsd_head.predictor
@@ -286,7 +286,7 @@ class TestTSDTrainingLosses(unittest.TestCase):
 
 
 class TestTSDMask(unittest.TestCase):
-    """Spec §7 (Mask R-CNN config): the mask head trains on the positive proposals P (not
+    """Mask R-CNN config: the mask head trains on the positive proposals P (not
     P̂_r) and runs at test on the final TSD detections."""
 
     def test_mask_boxes(self):
@@ -315,7 +315,7 @@ class TestTSDMask(unittest.TestCase):
 
 
 class TestTSDCascadeInference(unittest.TestCase):
-    """Spec §8 test path: every stage refines from its own P̂_r; the final score is the
+    """Cascade test path: every stage refines from its own P̂_r; the final score is the
     softmax of the stages' averaged TSD logits; the final box is stage 3's TSD box on P̂_r."""
 
     STAGE_DR = [[1.0, 0.5], [-0.5, 1.0], [0.5, -1.0]]
@@ -349,7 +349,7 @@ class TestTSDCascadeInference(unittest.TestCase):
 
 
 class TestTSDCascadeTraining(unittest.TestCase):
-    """Spec §8 training path."""
+    """Cascade training path."""
 
     G = [40.0, 50.0, 120.0, 110.0]
     P_POS = [42.0, 50.0, 122.0, 110.0]  # IoU 78/82 ≈ 0.95 with G

@@ -1,5 +1,5 @@
 """TSD head: parameter counts, init, P̂_r target/decode identities, train/eval behaviour
-(spec §12 facts 1–4, 13–15, 21–24) and the no-positive / no-object cases."""
+and the no-positive / no-object cases."""
 import math
 import unittest
 
@@ -24,7 +24,7 @@ class TestR50HeadSize(unittest.TestCase):
     def setUpClass(cls):
         cls.heads = tsd_tiny.r50_heads()
 
-    def test_parameter_counts(self):  # facts 2, 3
+    def test_parameter_counts(self):
         h = self.heads
         self.assertIsInstance(h, TSDROIHeads)
         t = h.tsd_head
@@ -49,7 +49,7 @@ class TestR50HeadSize(unittest.TestCase):
         self.assertEqual(inference + bg_slot, 31_575_289)
         self.assertEqual(_n(h.box_head) + _n(h.box_predictor) + bg_slot, 14_310_805)
 
-    def test_init(self):  # fact 24
+    def test_init(self):
         t, h = self.heads.tsd_head, self.heads
         bound = 1 / 32
         for layer in (t.predictor.cls_score, t.predictor.bbox_pred):
@@ -65,7 +65,7 @@ class TestR50HeadSize(unittest.TestCase):
         for layer in (og.offset_fc, og.delta_c_fc1, og.delta_c_fc2, og.delta_r_fc1, og.delta_r_fc2):
             self.assertEqual(layer.bias.abs().sum().item(), 0.0)
 
-    def test_output_shapes(self):  # fact 1
+    def test_output_shapes(self):
         torch.manual_seed(1)
         feats = [torch.randn(1, 256, 64 // 2 ** i, 64 // 2 ** i) for i in range(4)]
         boxes = [Boxes(torch.tensor([[4.0, 8.0, 60.0, 90.0], [100.0, 40.0, 250.0, 200.0]]))]
@@ -92,7 +92,7 @@ class TestTranslatedTargets(unittest.TestCase):
         self.G = torch.tensor([[14.0, 18.0, 120.0, 75.0], [25.0, 10.0, 80.0, 110.0]])
         self.dr = torch.tensor([[0.7, -1.3], [-0.4, 0.2]])
 
-    def test_target_identity_and_decode(self):  # facts 13, 14, 15
+    def test_target_identity_and_decode(self):
         for weights in [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0)]:
             b2b = Box2BoxTransform(weights)
             t = b2b.get_deltas(self.P, self.G)
@@ -108,7 +108,7 @@ class TestTranslatedTargets(unittest.TestCase):
             shifted = d + torch.cat([factor * self.dr, torch.zeros(2, 2)], dim=1)
             torch.testing.assert_close(b2b.apply_deltas(d, Pr), b2b.apply_deltas(shifted, self.P))
 
-    def test_regression_loss_gradient_reaches_delta_r_through_targets(self):  # fact 21
+    def test_regression_loss_gradient_reaches_delta_r_through_targets(self):
         K = 3
         pred = TSDOutputLayers(
             ShapeSpec(channels=8), box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
@@ -144,7 +144,7 @@ class TestTrainEval(unittest.TestCase):
         cls.cfg = tsd_tiny.tiny_cfg("TSDROIHeads")
         cls.model = tsd_tiny.build(cls.cfg)
 
-    def test_training_losses(self):  # fact 22
+    def test_training_losses(self):
         self.model.train()
         with EventStorage():
             losses = self.model(tsd_tiny.random_batch(num_boxes=(3, 1)))
@@ -176,7 +176,7 @@ class TestTrainEval(unittest.TestCase):
                 self.assertEqual(losses["loss_pc_loc"].item(), 0.0)
                 self.assertEqual(losses["loss_tsd_box_reg"].item(), 0.0)
 
-    def test_eval_uses_tsd_only(self):  # fact 23
+    def test_eval_uses_tsd_only(self):
         self.model.eval()
         rh = self.model.roi_heads
         called = []
@@ -224,7 +224,7 @@ class TestTrainEval(unittest.TestCase):
         for v in losses.values():
             self.assertEqual(v.item(), 0.0)
 
-    def test_zero_offsets_pool_plain(self):  # fact 5 through the head
+    def test_zero_offsets_pool_plain(self):
         t = self.model.roi_heads.tsd_head
         torch.manual_seed(2)
         feats = [torch.randn(2, 32, 32 // 2 ** i, 40 // 2 ** i) for i in range(4)]

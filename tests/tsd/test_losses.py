@@ -1,4 +1,4 @@
-"""Progressive-constraint losses (spec §5.3) and the "+1" IoU: verification facts 16–20."""
+"""Progressive-constraint losses and the "+1" IoU against hand-computed values."""
 import math
 import unittest
 
@@ -25,14 +25,14 @@ def _cls_case(p_sib, p_tsd, label=0):
 
 
 class TestPCCls(unittest.TestCase):
-    def test_simple_values(self):  # fact 17
+    def test_simple_values(self):
         for p_sib, p_tsd, expected in [(0.5, 0.5, 0.3), (0.9, 0.9, 0.1), (0.9, 0.95, 0.05),
                                        (0.5, 0.85, 0.0)]:
             sib, tsd, gt = _cls_case(p_sib, p_tsd)
             loss = pc_cls_loss(sib, tsd, gt, [1], margin=0.3)
             self.assertAlmostEqual(loss.item(), expected, places=9, msg=(p_sib, p_tsd))
 
-    def test_gradient_only_to_tsd_and_only_when_active(self):  # fact 19
+    def test_gradient_only_to_tsd_and_only_when_active(self):
         sib, tsd, gt = _cls_case(0.5, 0.5)
         pc_cls_loss(sib, tsd, gt, [1]).backward()
         self.assertIsNone(sib.grad)
@@ -41,7 +41,7 @@ class TestPCCls(unittest.TestCase):
         pc_cls_loss(sib, tsd, gt, [1]).backward()
         self.assertEqual(tsd.grad.abs().sum().item(), 0.0)
 
-    def test_mean_over_all_rois_including_negatives(self):  # fact 19, spec §13.4
+    def test_mean_over_all_rois_including_negatives(self):
         # 2 images × 3 RoIs, each image with one positive; all M_cls = 0.3 -> loss = 0.3
         K = 3
         gt = torch.tensor([0, K, K, 2, K, K])
@@ -50,7 +50,7 @@ class TestPCCls(unittest.TestCase):
         loss = pc_cls_loss(sib, tsd, gt, [3, 3], margin=0.3)
         self.assertAlmostEqual(loss.item(), 0.3, places=9)
 
-    def test_image_without_positives_adds_one_zero(self):  # fact 20
+    def test_image_without_positives_adds_one_zero(self):
         K = 3
         gt = torch.tensor([1, K, K, K])  # image 0: 2 RoIs, 1 positive; image 1: 2 negatives
         sib = torch.stack([_logits_with_prob(0.5, label=int(c)) for c in gt])
@@ -73,7 +73,7 @@ class TestPCCls(unittest.TestCase):
 
 
 class TestIoUAndPCLoc(unittest.TestCase):
-    def test_plus_one_iou(self):  # fact 16
+    def test_plus_one_iou(self):
         a = torch.tensor([[0.0, 0, 9, 9]])
         b = torch.tensor([[5.0, 0, 14, 9]])
         self.assertAlmostEqual(aligned_iou(a, b, legacy=True).item(), 1 / 3, places=6)
@@ -86,7 +86,7 @@ class TestIoUAndPCLoc(unittest.TestCase):
         shift = 100 - o
         return torch.tensor([[shift, 0.0, 99 + shift, 99]], dtype=torch.float64)
 
-    def test_simple_values(self):  # fact 18
+    def test_simple_values(self):
         G = torch.tensor([[0.0, 0, 99, 99]], dtype=torch.float64)
         fg = torch.tensor([True])
         for u, expected in [(0.5, 0.3), (0.7, 0.3), (0.8, 0.2), (0.9, 0.1)]:
@@ -98,7 +98,7 @@ class TestIoUAndPCLoc(unittest.TestCase):
             loss.backward()
             self.assertGreater(BD.grad.abs().sum().item(), 0)
 
-    def test_only_positives_and_zero_entries(self):  # facts 19, 20
+    def test_only_positives_and_zero_entries(self):
         G = torch.tensor([[0.0, 0, 99, 99]] * 3, dtype=torch.float64)
         B = self._boxes_with_iou(0.5).repeat(3, 1)
         BD = B.clone().requires_grad_(True)

@@ -1,5 +1,5 @@
-"""The deformable RoI pooling of TSD (spec §3) against a literal loop transcription of the
-authors' CUDA kernel, plus the spec's verification facts 5–12."""
+"""The deformable RoI pooling of TSD against a literal loop transcription of the
+authors' CUDA kernel, plus hand-computed examples."""
 import math
 import unittest
 
@@ -128,11 +128,11 @@ class TestAgainstKernelReference(unittest.TestCase):
 
 class TestVerificationFacts(unittest.TestCase):
     def setUp(self):
-        # ramp feature f(c, y, x) = x on a 25×38 map (stride 16), spec fact 7
+        # ramp feature f(c, y, x) = x on a 25×38 map (stride 16)
         self.ramp = torch.arange(38.0).view(1, 1, 1, 38).expand(1, 2, 25, 38).contiguous()
         self.box = torch.tensor([[96.0, 64.0, 271.0, 175.0]])
 
-    def test_ramp_values_and_translation(self):  # fact 7
+    def test_ramp_values_and_translation(self):
         out = deform_roi_pool(self.ramp, self.box, torch.zeros(1, 2, 7, 7), 1 / 16.0)
         expected = torch.tensor([6.0893, 7.6607, 9.2321, 10.8036, 12.3750, 13.9464, 15.5179])
         for ph in range(7):
@@ -142,7 +142,7 @@ class TestVerificationFacts(unittest.TestCase):
         shifted = deform_roi_pool(self.ramp, self.box, off, 1 / 16.0)
         torch.testing.assert_close(shifted - out, torch.full_like(out, 1.1), atol=1e-5, rtol=0)
 
-    def test_zero_offsets_equal_no_translation(self):  # facts 5 and 6
+    def test_zero_offsets_equal_no_translation(self):
         feat, boxes, off = _random_case(2, R=6, k=7)
         for legacy in (True, False):
             plain = deform_roi_pool(feat, boxes, None, 0.25, legacy=legacy)
@@ -164,7 +164,7 @@ class TestVerificationFacts(unittest.TestCase):
         ref = roi_align(feat, rois, 7, spatial_scale=0.25, sampling_ratio=4, aligned=True)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
-    def test_outside_roi_is_zero_and_partial_bins_average_valid_samples(self):  # fact 8
+    def test_outside_roi_is_zero_and_partial_bins_average_valid_samples(self):
         feat = torch.ones(1, 1, 10, 10)
         far = torch.tensor([[200.0, 200.0, 260.0, 260.0]])
         self.assertEqual(deform_roi_pool(feat, far, None, 0.25).abs().sum().item(), 0.0)
@@ -174,7 +174,7 @@ class TestVerificationFacts(unittest.TestCase):
         vals = {round(v, 12) for v in out.flatten().tolist()}
         self.assertTrue(vals <= {0.0, 1.0} and 1.0 in vals and 0.0 in vals, vals)
 
-    def test_integer_pixel_translation_equals_shifted_pooling(self):  # fact 9
+    def test_integer_pixel_translation_equals_shifted_pooling(self):
         g = torch.Generator().manual_seed(0)
         feat = torch.randn(1, 4, 40, 50, generator=g, dtype=torch.float64)
         box = torch.tensor([[40.0, 36.0, 119.0, 95.0]])  # width 80 px (+1 convention)
@@ -185,7 +185,7 @@ class TestVerificationFacts(unittest.TestCase):
         shifted_box = box + torch.tensor([[8.0, 0.0, 8.0, 0.0]])
         torch.testing.assert_close(moved, deform_roi_pool(feat, shifted_box, None, 0.25))
 
-    def test_offset_gradient_and_no_roi_gradient(self):  # fact 10
+    def test_offset_gradient_and_no_roi_gradient(self):
         box = self.box.clone().requires_grad_(True)
         off = torch.zeros(1, 2, 7, 7, requires_grad=True)
         out = deform_roi_pool(self.ramp, box, off, 1 / 16.0)
@@ -195,11 +195,11 @@ class TestVerificationFacts(unittest.TestCase):
         torch.testing.assert_close(off.grad[0, 0], torch.full((7, 7), 1.1), atol=1e-5, rtol=0)
         torch.testing.assert_close(off.grad[0, 1], torch.zeros(7, 7))
 
-    def test_level_examples(self):  # fact 11
+    def test_level_examples(self):
         boxes = torch.tensor([[0, 0, 111, 111.0], [0, 0, 110, 110], [0, 0, 447, 447]])
         self.assertEqual(fpn_levels(boxes, 2, 5, legacy=True).tolist(), [1, 0, 3])
 
-    def test_translation_example(self):  # fact 12
+    def test_translation_example(self):
         P = torch.tensor([[10.0, 20.0, 109.0, 69.0]])
         out = translate_boxes(P, torch.tensor([[1.0, -2.0]]), 0.1, legacy=True)
         torch.testing.assert_close(out, torch.tensor([[20.0, 10.0, 119.0, 59.0]]))
