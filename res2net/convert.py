@@ -300,7 +300,7 @@ def convert_res2net_state_dict(
     num_backbone = sum(not k.startswith("linear.") for k in converted)
     if expected is not None and num_backbone != expected:
         raise ConversionError(
-            f"{key_arch}: {num_backbone} converted tensors, spec §7 expects {expected}"
+            f"{key_arch}: {num_backbone} converted tensors, expected {expected}"
         )
     info = dict(layout=layout, arch=arch, dropped=dropped, num_converted=num_backbone)
     return {prefix + k: v for k, v in converted.items()}, info
