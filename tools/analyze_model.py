@@ -42,7 +42,7 @@ logger = logging.getLogger("tools.analyze_model")
 TASKS = ("flop", "activation", "parameter", "structure")
 
 # Ops not counted (element-wise, reductions, BatchNorm, pooling, NMS): the set
-# detectron2.utils.analysis ignores, used by the fallback below.
+# detectron2.utils.analysis ignores (see `_ignore_ops`).
 IGNORED_OPS = (
     "aten::add", "aten::add_", "aten::argmax", "aten::argsort", "aten::batch_norm",
     "aten::constant_pad_nd", "aten::div", "aten::div_", "aten::exp", "aten::log2",
@@ -50,62 +50,6 @@ IGNORED_OPS = (
     "aten::nonzero_numpy", "aten::reciprocal", "aten::rsub", "aten::sigmoid", "aten::sigmoid_",
     "aten::softmax", "aten::sort", "aten::sqrt", "aten::sub", "torchvision::nms",
 )
-
-
-def _detectron2_analysis():
-    """detectron2.utils.analysis, or None where it cannot be imported (Detectron2 v0.6's
-    `detectron2.export` imports caffe2, which current PyTorch no longer ships)."""
-    try:
-        from detectron2.utils import analysis
-    except ImportError as e:
-        logger.info("detectron2.utils.analysis unavailable (%s): using fvcore directly", e)
-        return None
-    return analysis
-
-
-def _flatten_tensors(obj, out):
-    """Append every tensor in `obj` (nested list/tuple/dict, Instances, Boxes) to `out`."""
-    from detectron2.structures import Boxes, Instances
-
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, Boxes):
-        out.append(obj.tensor)
-    elif isinstance(obj, Instances):
-        _flatten_tensors([obj.get(k) for k in sorted(obj.get_fields())], out)
-    elif isinstance(obj, dict):
-        _flatten_tensors([obj[k] for k in sorted(obj)], out)
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            _flatten_tensors(x, out)
-    elif hasattr(obj, "tensor") and isinstance(obj.tensor, torch.Tensor):  # BitMasks etc.
-        out.append(obj.tensor)
-    return out
-
-
-class TensorIO(torch.nn.Module):
-    """Traceable view of a model for fvcore's jit counters: tensors in, tuple of tensors out.
-
-    Args:
-        model: the module to analyse.
-        inputs: a (1, C, H, W) tensor for a backbone/trunk, or a Detectron2 batch
-            (list[dict] with "image" CHW tensors) for a meta-architecture; in the latter case
-            the images are the traced inputs and the other keys ("height", "width") constants.
-    """
-
-    def __init__(self, model, inputs):
-        super().__init__()
-        self.model = model
-        self.batch = inputs if isinstance(inputs, list) else None
-        self.tensors = (tuple(d["image"] for d in inputs) if self.batch is not None
-                        else (inputs,))
-
-    def forward(self, *tensors):
-        if self.batch is None:
-            outputs = self.model(*tensors)
-        else:
-            outputs = self.model([dict(d, image=t) for d, t in zip(self.batch, tensors)])
-        return tuple(_flatten_tensors(outputs, []))
 
 
 def _no_count(inputs, outputs):
@@ -122,27 +66,19 @@ def _ignore_ops(analysis):
 
 
 def flop_analysis(model, inputs):
-    """fvcore FlopCountAnalysis of `model` on `inputs` (tensor or Detectron2 batch), ignoring
-    IGNORED_OPS; via detectron2.utils.analysis.FlopCountAnalysis when importable."""
-    analysis = _detectron2_analysis()
-    if analysis is not None:
-        return _ignore_ops(analysis.FlopCountAnalysis(model, inputs))
-    from fvcore.nn import FlopCountAnalysis
+    """detectron2.utils.analysis.FlopCountAnalysis of `model` on `inputs` (tensor or Detectron2
+    batch), ignoring IGNORED_OPS."""
+    from detectron2.utils import analysis
 
-    wrapper = TensorIO(model, inputs)
-    return _ignore_ops(FlopCountAnalysis(wrapper, wrapper.tensors))
+    return _ignore_ops(analysis.FlopCountAnalysis(model, inputs))
 
 
 def activation_counts(model, batch):
-    """Activation counts (millions) per operator of `model` on a Detectron2 batch."""
-    analysis = _detectron2_analysis()
-    if analysis is not None:
-        return dict(analysis.activation_count_operators(model, batch))
-    from fvcore.nn import ActivationCountAnalysis
+    """Activation counts (millions) per operator of `model` on a Detectron2 batch
+    (detectron2.utils.analysis.activation_count_operators)."""
+    from detectron2.utils import analysis
 
-    wrapper = TensorIO(model, batch)
-    acts = _ignore_ops(ActivationCountAnalysis(wrapper, wrapper.tensors))
-    return {k: v / 1e6 for k, v in acts.by_operator().items()}
+    return dict(analysis.activation_count_operators(model, batch))
 
 
 def get_parser():
