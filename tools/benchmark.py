@@ -29,6 +29,21 @@ MODEL.WEIGHTS is loaded when it can be (trained weights make the number of detec
 post-processing time, realistic); otherwise the worker warns and keeps the random
 initialisation (JSON field `weights_loaded`).
 
+Equal work: a benchmark compares detectors only when they do the work a trained detector
+would. A model whose MODEL.WEIGHTS could not be loaded has its frozen BatchNorm calibrated on
+the benchmark input (`projects.benchmarking.calibrate_frozen_batchnorm`; `--no-calibrate`
+keeps Detectron2's identity statistics, under which a random ResNet's activations explode and
+its RPN keeps a handful of boxes), and a model whose backbone outputs still explode (RMS over
+1e3) is refused. Per config the report gives proposals and detections per image, the inference
+time split into backbone / proposal generator / heads / post-processing (score threshold, NMS,
+top-k, rescaling, mask pasting) and the rest, and with `--flops` the fvcore GFLOPs of one
+inference and their ratio beside the time ratio. The time ratio is refused (table printed with
+"-", the reasons listed, exit status 2) when an R-CNN's RPN returned fewer proposals than its
+POST_NMS_TOPK_TEST, when two R-CNNs with the same top-k got different proposal counts, or when
+the models returned different numbers of detections per image; `--allow-unequal-work` prints
+it anyway, with the reasons. Random weights give (near) zero detections at the configs' score
+thresholds, so post-processing costs are realistic only with trained weights.
+
 Measurement design: every config runs in its own worker process (a fresh interpreter holding
 only that config's model), and the parent steps the workers in lock-step round-robin (A, B, A,
 B, ...), one at a time, so slow phases of a shared or noisy machine hit every config equally
