@@ -227,6 +227,7 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
             "proposal_topk": info["proposal_topk"], "times_s": t,
             "median_s": statistics.median(t), "mean_s": statistics.fmean(t),
             "stages_s": _median_stages(st),
+            "median_stage_total_s": _median_iteration_seconds(st),
             "proposals_per_image": _mean_or_none([x for m in st for x in m["proposals"]]),
             "detections_per_image": _mean_or_none([x for m in st for x in m["detections"]]),
             "peak_mem_mb": final["peak_mem_mb"], "mem_kind": final["mem_kind"],
@@ -246,11 +247,25 @@ def _mean_or_none(values):
     return statistics.fmean(values) if values else None
 
 
+def _median_iteration_seconds(step_messages):
+    """Total seconds of the iteration `_median_stages` reports (None when not measured)."""
+    timed = sorted((m["seconds"] for m in step_messages if m.get("stages")))
+    return timed[(len(timed) - 1) // 2] if timed else None
+
+
 def _median_stages(step_messages):
-    """Median seconds per stage over the timed iterations ({} when not measured)."""
-    names = sorted({k for m in step_messages for k in m.get("stages", {})})
-    return {k: statistics.median(m.get("stages", {}).get(k, 0.0) for m in step_messages)
-            for k in names}
+    """Stage seconds of the median iteration ({} when not measured).
+
+    The iteration whose total time is the median (the lower middle one for an even count) is
+    reported whole, so that its stages and the "rest" add up to that iteration's time;
+    per-stage medians taken over different iterations would not.
+    """
+    timed = [m for m in step_messages if m.get("stages")]
+    if not timed:
+        return {}
+    ordered = sorted(timed, key=lambda m: m["seconds"])
+    middle = ordered[(len(ordered) - 1) // 2]
+    return dict(sorted(middle["stages"].items()))
 
 
 def equal_work_problems(results, task):
@@ -290,7 +305,7 @@ def format_table(results):
     stages = [s for s in STAGE_COLUMNS if any(s in r["stages_s"] for r in results)]
     rows = []
     for r in results:
-        rest = (r["median_s"] - sum(r["stages_s"].values())) if r["stages_s"] else None
+        rest = (r["median_stage_total_s"] - sum(r["stages_s"].values())) if r["stages_s"] else None
         rows.append([r["label"], f"{r['median_s']:.4f}", f"{r['mean_s']:.4f}",
                      fmt(r["ratio"], ".3f"), fmt(r["gflops"], ".1f"), fmt(r["flops_ratio"], ".3f")]
                     + [fmt(r["stages_s"].get(s), ".4f") for s in stages]

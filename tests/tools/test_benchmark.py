@@ -120,3 +120,18 @@ def test_equal_work_rules(bench):
     assert bench.equal_work_problems([result("a", 300, 300, None),
                                       result("b", 200, 300, None)], "train") == \
         ["b: 200.0 proposals per image, a: 300.0"]
+
+
+def test_stages_come_from_the_median_iteration(bench):
+    """The stage split is that of the iteration with the median total, so stages and "rest"
+    add up to that iteration (per-stage medians over different iterations would not)."""
+    steps = [
+        {"seconds": 10.0, "stages": {"backbone": 6.0, "heads": 3.0}},
+        {"seconds": 4.0, "stages": {"backbone": 1.0, "heads": 2.5}},
+        {"seconds": 7.0, "stages": {"backbone": 2.0, "heads": 4.0}},
+    ]
+    assert bench._median_stages(steps) == {"backbone": 2.0, "heads": 4.0}
+    assert bench._median_iteration_seconds(steps) == 7.0
+    # even count: the lower middle one
+    assert bench._median_stages(steps[:2]) == {"backbone": 1.0, "heads": 2.5}
+    assert bench._median_stages([{"seconds": 1.0}]) == {}
