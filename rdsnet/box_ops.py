@@ -8,10 +8,11 @@ continuous convention (width x2 - x1). All boxes are XYXY tensors of shape (N, 4
 import math
 
 import torch
-from detectron2.layers import batched_nms
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.structures import Boxes, pairwise_iou
+
+from projects_common.topk_nms import batched_nms_topk
 
 __all__ = [
     "Box2BoxTransformPlusOne",
@@ -41,11 +42,16 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, plus_one: bool) -> torch
     return pairwise_iou(Boxes(boxes1), Boxes(boxes2))
 
 
-def nms_per_class(boxes, scores, classes, iou_threshold: float, plus_one: bool):
-    """Class-wise NMS (`batched_nms`); returns kept indices sorted by decreasing score."""
+def nms_per_class(boxes, scores, classes, iou_threshold: float, plus_one: bool, max_keep: int):
+    """Class-wise NMS; the first ``max_keep`` kept indices, sorted by decreasing score.
+
+    Only the ``max_keep`` best survivors are computed (`batched_nms_topk`): the same indices as
+    ``batched_nms(...)[:max_keep]`` over every candidate, at the cost of NMS over a few times
+    ``max_keep`` boxes instead of every (box, class) pair above the score threshold.
+    """
     if plus_one:
         boxes = _inclusive_to_continuous(boxes)
-    return batched_nms(boxes, scores, classes, iou_threshold)
+    return batched_nms_topk(boxes, scores, classes, iou_threshold, max_keep)
 
 
 class Box2BoxTransformPlusOne(Box2BoxTransform):

@@ -408,8 +408,9 @@ class RDSNet(nn.Module):
             cand = torch.nonzero(scores > self.test_score_thresh)
             rows, classes = cand[:, 0], cand[:, 1]
             keep = nms_per_class(
-                boxes[rows], scores[rows, classes], classes, self.test_nms_thresh, self.box_plus_one
-            )[: self.max_detections_per_image]
+                boxes[rows], scores[rows, classes], classes, self.test_nms_thresh,
+                self.box_plus_one, self.max_detections_per_image,
+            )
             result = Instances((out_h, out_w))
             result.pred_boxes = Boxes(boxes[rows[keep]])
             result.scores = scores[rows[keep], classes[keep]]
