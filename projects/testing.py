@@ -25,7 +25,7 @@ from .config import load_config
 from .data import build_train_mapper
 from .engine import Trainer
 
-__all__ = ["TEST_DEVICE", "TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
+__all__ = ["timed_stage_probe", "TEST_DEVICE", "TINY_RESNET_OPTS", "TINY_RCNN_OPTS", "SWEEP_OPTS", "load_config",
            "run_one_training_iteration", "train_and_evaluate", "repo_root", "ddp_train_worker"]
 
 # Device of the models the tests build: "cpu" (CI), or "cuda" to run the same tests on a GPU
@@ -85,6 +85,18 @@ SWEEP_OPTS = _DATA_OPTS + [
     "INPUT.CROP.ENABLED", False,
     "SOLVER.IMS_PER_BATCH", 2,
 ]
+
+
+def timed_stage_probe(fn, delay: float = 0.3):
+    """``fn`` made ``delay`` seconds slower: a benchmark test replaces a post-processing
+    function with it and checks that the delay is charged to the post-processing stage."""
+    import time
+
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return fn(*args, **kwargs)
+
+    return slow
 
 
 def repo_root() -> str:

@@ -1,22 +1,14 @@
 """The benchmark's stage split charges Decoupled R-CNN's box inference (its predictor's
 `postprocess`: score threshold, NMS or soft-NMS, top-k) to post-processing."""
-import time
-
 import pytest
 import torch
 from detectron2.modeling import build_model
 
 import decoupled_rcnn.heads
 from projects.benchmarking import StageTimer, WorkCounter, instrument_model
+from projects.testing import timed_stage_probe
 
 DELAY = 0.3
-
-
-def _slowed(fn):
-    def slow(*args, **kwargs):
-        time.sleep(DELAY)  # box inference made measurably slow, to see where it is charged
-        return fn(*args, **kwargs)
-    return slow
 
 
 @pytest.mark.parametrize("nms_type,function", [("nms", "fast_rcnn_inference"),
@@ -32,7 +24,7 @@ def test_decoupled_box_inference_is_postprocessing(make_cfg, config_paths, nms_t
     with torch.no_grad():
         plain = model([image])[0]["instances"]
     monkeypatch.setattr(decoupled_rcnn.heads, function,
-                        _slowed(getattr(decoupled_rcnn.heads, function)))
+                        timed_stage_probe(getattr(decoupled_rcnn.heads, function)))
     timer, counter = StageTimer(), WorkCounter()
     instrument_model(model, timer, counter)
     with torch.no_grad():

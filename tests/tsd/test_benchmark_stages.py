@@ -1,8 +1,6 @@
 """The benchmark's stage split charges TSD's box inference to post-processing (its ROI heads
 call the sibling head's predictor and, in the cascade, Detectron2's `fast_rcnn_inference`
 directly, not `roi_heads.box_predictor.inference`)."""
-import time
-
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -10,16 +8,10 @@ from detectron2.modeling.roi_heads import fast_rcnn
 
 import tsd.roi_heads
 from projects.benchmarking import StageTimer, WorkCounter, instrument_model
+from projects.testing import timed_stage_probe
 from tsd_tiny import tiny_cfg
 
 DELAY = 0.3
-
-
-def _slowed(fn):
-    def slow(*args, **kwargs):
-        time.sleep(DELAY)  # box inference made measurably slow, to see where it is charged
-        return fn(*args, **kwargs)
-    return slow
 
 
 @pytest.mark.parametrize("roi_heads", ["TSDROIHeads", "TSDCascadeROIHeads"])
@@ -33,7 +25,7 @@ def test_tsd_box_inference_is_postprocessing(roi_heads, monkeypatch):
     for module in (fast_rcnn, tsd.roi_heads):
         if hasattr(module, "fast_rcnn_inference"):
             monkeypatch.setattr(module, "fast_rcnn_inference",
-                                _slowed(module.fast_rcnn_inference))
+                                timed_stage_probe(module.fast_rcnn_inference))
     timer, counter = StageTimer(), WorkCounter()
     instrument_model(model, timer, counter)
     with torch.no_grad():
