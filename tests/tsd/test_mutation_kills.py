@@ -231,7 +231,7 @@ class TestGeometryEdges(unittest.TestCase):
             [0.0, 0.0, 1000.0, 1000.0],  # far above P5 -> P5
         ])
         self.assertEqual(fpn_levels(boxes, 2, 5, legacy=True).tolist(), [0, 1, 0, 3])
-        # Detectron2: floor(4 + log2(sqrt(wh) / 224)): 111.0 -> 2.99, 111 -> 2.99, ..., 6.2
+        # Detectron2: floor(4 + log2(sqrt(wh) / 224)) = 2 (2.99), 2 (2.99), 2 (clamped), 5 (6.2)
         self.assertEqual(fpn_levels(boxes, 2, 5, legacy=False).tolist(), [0, 0, 0, 3])
 
 
