@@ -249,7 +249,11 @@ def _expected_losses(images, margin, plus=1, gamma=2.0):
         padded = torch.zeros(pad_h, pad_w, dtype=torch.bool)
         padded[:h, :w] = mask
         targets = ref_stride4_targets(padded)
-        crop = ref_crop([v / 4 for v in box], pad_h // 4, pad_w // 4, 0.25, plus)
+        # the crop uses the GT box clamped to the image, [0, w - plus] x [0, h - plus]
+        cx = lambda v: min(max(v, 0), w - plus)  # noqa: E731
+        cy = lambda v: min(max(v, 0), h - plus)  # noqa: E731
+        clamped = [cx(box[0]), cy(box[1]), cx(box[2]), cy(box[3])]
+        crop = ref_crop([v / 4 for v in clamped], pad_h // 4, pad_w // 4, 0.25, plus)
         targets[~crop] = -1
         mask_terms += n_pos * ref_instance_mask_loss(targets, ce_pos, ce_neg)
         sampled += n_pos
@@ -274,6 +278,28 @@ def test_training_losses_by_value(margin, plus_one):
     with EventStorage(0):
         losses = model(batch)
     expected = _expected_losses(images, margin, plus=int(plus_one), gamma=gamma)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+
+
+@pytest.mark.parametrize("plus_one", [True, False])
+def test_training_mask_loss_gt_boxes_across_the_image_border(plus_one):
+    """GT boxes that leave the image (hand-made inputs; Detectron2's mapper clips them) are
+    clamped to [0, w - 1] x [0, h - 1] ([0, w] x [0, h] without "+1") before the training crop,
+    whose padding then follows the clamped size. Boxes chosen so that each clamp bound moves a
+    crop edge (and the crop keeps fewer negatives than the mining would)."""
+    batch, images = [], []
+    for box, cls in (((23, 35, 66, 80), 0), ((-16, -16, 29, 29), 1), ((26, 20, 66, 66), 2)):
+        mask = _rect(64, 64, max(box[1], 0), min(box[3], 64), max(box[0], 0), min(box[2], 64))
+        inst = _instances(64, 64, list(box), cls, mask)
+        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst})
+        images.append((list(box), cls, mask, (64, 64)))
+    model = _model(["MODEL.RDSNET.BOX_PLUS_ONE", plus_one])
+    _constant_predictions(model, 0.5)
+    model.train()
+    with EventStorage(0):
+        losses = model(batch)
+    expected = _expected_losses(images, 0.5, plus=int(plus_one))
     for name, value in expected.items():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
 
