@@ -159,11 +159,12 @@ def test_converted_tiny_model_runs_and_anchor_orders_agree(tmp_path):
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
-def test_convert_checkpoint_file_in_process(tmp_path):
+@pytest.mark.parametrize("num_ratios, num_sizes", [(2, 3), (3, 2)])
+def test_convert_checkpoint_file_in_process(tmp_path, num_ratios, num_sizes):
     """`convert_rdsnet_checkpoint` (the CLI's function, here in-process): reads the upstream
     file, drops the `mbrm.*` constants, builds the config's model for the shapes, permutes the
-    predictors for Detectron2's size-major anchors (2 ratios x 3 sizes: D2 slot s*2 + r = mmdet
-    slot r*3 + s) and writes {"model": ..., "__author__": ...}."""
+    predictors for Detectron2's size-major anchors (R ratios x S sizes: D2 slot s*R + r = mmdet
+    slot r*S + s; both counts read from the config) and writes {"model": ..., "__author__": ...}."""
     from rdsnet.convert import convert_rdsnet_checkpoint
 
     source = mmdet_source(torchvision.models.resnet18(), c_in=(128, 256, 512), fpn=64, pix=64,
@@ -171,17 +172,20 @@ def test_convert_checkpoint_file_in_process(tmp_path):
     src, dst = tmp_path / "up.pth", tmp_path / "out.pth"
     with_mbrm = dict(source, **{"mbrm.weight": torch.zeros(1, 1, 9), "mbrm.bias": torch.zeros(1)})
     torch.save({"meta": {}, "state_dict": with_mbrm}, str(src))
+    ratios = [0.5, 1.0, 2.0][:num_ratios]
+    sizes = [[s * 2 ** i for s in (16, 20.16, 25.4)[:num_sizes]] for i in range(5)]
     cfg = rdsnet_tiny.tiny_cfg(opts=MMDET_ARCH_OPTS + [
         "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator",
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0]]])
+        "MODEL.ANCHOR_GENERATOR.SIZES", sizes,
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [ratios]])
     counts = convert_rdsnet_checkpoint(cfg, str(src), str(dst))
     # every other key maps (the BN trunk of the tiny config keeps num_batches_tracked)
     assert counts == {"source": len(source) + 2, "converted": len(source)}
     saved = torch.load(str(dst), weights_only=False)
     model = saved["model"]
     assert len(model) == len(source) and "RDSNet" in saved["__author__"]
-    up = source["bbox_head.retina_cls.weight"].view(2, 3, 3, 64, 3, 3)  # (ratio, size, class)
-    out = torch.as_tensor(model["head.cls_score.weight"]).view(3, 2, 3, 64, 3, 3)  # (size, ratio)
+    up = source["bbox_head.retina_cls.weight"].view(num_ratios, num_sizes, 3, 64, 3, 3)
+    out = torch.as_tensor(model["head.cls_score.weight"]).view(num_sizes, num_ratios, 3, 64, 3, 3)
     assert torch.equal(out, up.transpose(0, 1))
     assert torch.equal(torch.as_tensor(model["pixel_stream.out.weight"]),
                        source["mask_head.conv_reps.weight"])

@@ -64,6 +64,7 @@ def test_gt_masks_at_pad_shape_inputs_and_errors():
     assert out.shape == (0, 8, 12) and out.dtype == torch.bool
     no_masks = Instances((5, 6))
     no_masks.gt_boxes = Boxes(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"needs 'gt_masks' in the training instances \(a dataset "
+    with pytest.raises(ValueError, match=r"RDSNet with MODEL.MASK_ON=True needs 'gt_masks' in "
+                                         r"the training instances \(a dataset "
                                          r"with segmentation annotations\)"):
         gt_bitmasks_at_pad_shape(no_masks, (8, 12), "cpu")

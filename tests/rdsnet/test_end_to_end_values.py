@@ -249,7 +249,11 @@ def _expected_losses(images, margin, plus=1, gamma=2.0):
         padded = torch.zeros(pad_h, pad_w, dtype=torch.bool)
         padded[:h, :w] = mask
         targets = ref_stride4_targets(padded)
-        crop = ref_crop([v / 4 for v in box], pad_h // 4, pad_w // 4, 0.25, plus)
+        # the crop uses the GT box clamped to the image, [0, w - plus] x [0, h - plus]
+        cx = lambda v: min(max(v, 0), w - plus)  # noqa: E731
+        cy = lambda v: min(max(v, 0), h - plus)  # noqa: E731
+        clamped = [cx(box[0]), cy(box[1]), cx(box[2]), cy(box[3])]
+        crop = ref_crop([v / 4 for v in clamped], pad_h // 4, pad_w // 4, 0.25, plus)
         targets[~crop] = -1
         mask_terms += n_pos * ref_instance_mask_loss(targets, ce_pos, ce_neg)
         sampled += n_pos
@@ -274,6 +278,28 @@ def test_training_losses_by_value(margin, plus_one):
     with EventStorage(0):
         losses = model(batch)
     expected = _expected_losses(images, margin, plus=int(plus_one), gamma=gamma)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+
+
+@pytest.mark.parametrize("plus_one", [True, False])
+def test_training_mask_loss_gt_boxes_across_the_image_border(plus_one):
+    """GT boxes that leave the image (hand-made inputs; Detectron2's mapper clips them) are
+    clamped to [0, w - 1] x [0, h - 1] ([0, w] x [0, h] without "+1") before the training crop,
+    whose padding then follows the clamped size. Boxes chosen so that each clamp bound moves a
+    crop edge (and the crop keeps fewer negatives than the mining would)."""
+    batch, images = [], []
+    for box, cls in (((23, 35, 66, 80), 0), ((-16, -16, 29, 29), 1), ((26, 20, 66, 66), 2)):
+        mask = _rect(64, 64, max(box[1], 0), min(box[3], 64), max(box[0], 0), min(box[2], 64))
+        inst = _instances(64, 64, list(box), cls, mask)
+        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst})
+        images.append((list(box), cls, mask, (64, 64)))
+    model = _model(["MODEL.RDSNET.BOX_PLUS_ONE", plus_one])
+    _constant_predictions(model, 0.5)
+    model.train()
+    with EventStorage(0):
+        losses = model(batch)
+    expected = _expected_losses(images, 0.5, plus=int(plus_one))
     for name, value in expected.items():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
 
@@ -468,3 +494,90 @@ def test_inference_mbrm_by_value():
     one, _ = _run(refine=True, opts=["MODEL.RDSNET.DETECTIONS_PER_IMAGE", 1])  # a single box
     assert one.pred_boxes.tensor.tolist() == expected[:1]
     assert expected != [[b[0], b[1], b[2] + 1, b[3] + 1] for b in boxes_out]
+
+
+# Detectron2's box conventions (BOX_PLUS_ONE False, its anchors): (P3 location, class, logit,
+# raw deltas, o_bg, o_fg). Anchor of P3 location (i, j): [8j - 16, 8i - 16, 8j + 16, 8i + 16].
+D2_DETECTIONS = [
+    ((2, 2), 0, 3.0, [0.1, 0.0, -0.2, -0.5], _e(0, 0.0), _e(0)),
+    ((2, 3), 0, 2.0, [0.0, 0.05, 0.1, -1.0], _e(1, 5.0), _e(1, 5.0)),
+    # across the left edge: x1 clipped to 0
+    ((4, 0), 1, 1.0, [-0.3, -0.2, 0.0, 0.0], _e(2, 0.0), _e(2, 0.0)),
+    # across the bottom-right corner: clipped to x2 = 90, y2 = 60 (w, h: no "- 1")
+    ((6, 10), 2, 0.5, [0.5, 0.25, 0.0, 0.0], _e(0), _e(0, 2.0)),
+]
+D2_OPTS = ["MODEL.RDSNET.BOX_PLUS_ONE", False, "MODEL.ANCHOR_GENERATOR.NAME", "DefaultAnchorGenerator"]
+
+
+def _run_d2(refine):
+    model = _model(["MODEL.RDSNET.MBRM.ENABLED", refine] + D2_OPTS)
+    _, pixel = _fake_outputs()
+
+    def head(features):
+        logits = [torch.full((1, K, f.shape[2], f.shape[3]), -20.0) for f in features]
+        deltas = [torch.zeros(1, 4, f.shape[2], f.shape[3]) for f in features]
+        reps = [torch.zeros(1, 2 * D, f.shape[2], f.shape[3]) for f in features]
+        for (i, j), cls, logit, d, o_bg, o_fg in D2_DETECTIONS:
+            logits[0][0, cls, i, j] = logit
+            deltas[0][0, :, i, j] = torch.tensor(d)
+            reps[0][0, :, i, j] = torch.cat([o_bg, o_fg])
+        return logits, deltas, reps
+
+    model.head.forward = head
+    model.pixel_stream.forward = lambda features: pixel
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, IN_H, IN_W) * 255, "height": OUT_H, "width": OUT_W}])
+    return out[0]["instances"], pixel[0]
+
+
+def _expected_d2_boxes_out():
+    """Detectron2 decoding (widths x2 - x1), clip to [0, w] x [0, h], rescale to the output."""
+    boxes = []
+    for (i, j), _, _, (dx, dy, dw, dh), _, _ in D2_DETECTIONS:
+        ax1, ay1 = 8 * j - 16, 8 * i - 16
+        gx, gy = ax1 + 16 + dx * 32, ay1 + 16 + dy * 32
+        gw, gh = 32 * math.exp(dw), 32 * math.exp(dh)
+        x1, y1, x2, y2 = gx - gw / 2, gy - gh / 2, gx + gw / 2, gy + gh / 2
+        cx = lambda v: min(max(v, 0.0), float(IN_W))  # noqa: E731
+        cy = lambda v: min(max(v, 0.0), float(IN_H))  # noqa: E731
+        boxes.append([cx(x1) * SX, cy(y1) * SY, cx(x2) * SX, cy(y2) * SY])
+    return boxes
+
+
+def _expected_d2_soft_masks(pixel, boxes_out):
+    masks = []
+    for (_, _, _, _, o_bg, o_fg), box in zip(D2_DETECTIONS, boxes_out):
+        logits = torch.stack([torch.einsum("d,dhw->hw", o, pixel) for o in (o_bg, o_fg)])[None]
+        up = F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+        up = up[:, :, :IN_H, :IN_W]
+        full = F.interpolate(up, size=(OUT_H, OUT_W), mode="bilinear", align_corners=True)
+        masks.append(full.softmax(dim=1)[0, 1] * ref_crop(box, OUT_H, OUT_W, 0.1, plus=0))
+    return torch.stack(masks)
+
+
+def test_inference_d2_conventions_by_value():
+    """BOX_PLUS_ONE False: Detectron2 decoding, clip to [0, w] x [0, h], NMS without "+1", no
+    "+1" export, crop widths x2 - x1; with MBRM the refined inclusive edges come back as
+    (x2 + 1, y2 + 1)."""
+    inst, pixel = _run_d2(refine=False)
+    boxes_out = _expected_d2_boxes_out()
+    assert boxes_out[3][2:] == pytest.approx([IN_W * SX, IN_H * SY])  # clipped at w, h
+    assert ref_iou(boxes_out[0], boxes_out[1], plus=0) < 0.5  # both class-0 boxes kept
+    assert inst.pred_classes.tolist() == [0, 0, 1, 2]
+    assert torch.allclose(inst.pred_boxes.tensor, torch.tensor(boxes_out), atol=1e-3)
+    soft = _expected_d2_soft_masks(pixel, boxes_out)
+    _assert_masks(inst.pred_masks, soft)
+    # p = 0.5 everywhere for the second: its mask is exactly the crop, which the "+1" width
+    # would make wider
+    assert torch.equal(inst.pred_masks[1], ref_crop(boxes_out[1], OUT_H, OUT_W, 0.1, plus=0))
+    assert not torch.equal(ref_crop(boxes_out[1], OUT_H, OUT_W, 0.1, plus=0),
+                           ref_crop(boxes_out[1], OUT_H, OUT_W, 0.1, plus=1))
+
+    refined, _ = _run_d2(refine=True)
+    assert torch.equal(refined.pred_masks, inst.pred_masks)
+    expected = []
+    for m, b in zip(soft, boxes_out):
+        x1, y1, x2, y2 = ref_mbrm(m, [b[0], b[1], b[2] - 1, b[3] - 1])
+        expected.append([x1, y1, min(x2 + 1, OUT_W), min(y2 + 1, OUT_H)])
+    assert refined.pred_boxes.tensor.tolist() == expected

@@ -196,3 +196,44 @@ def test_default_predictor():
     assert inst.image_size == (90, 150) and len(inst) > 0
     assert inst.pred_masks.shape == (len(inst), 90, 150) and inst.pred_masks.dtype == torch.bool
     assert inst.pred_boxes.tensor.shape == (len(inst), 4) and inst.scores.shape == (len(inst),)
+
+
+def test_mask_off_boxes_only():
+    """MODEL.MASK_ON False: no pixel stream; losses without loss_mask; detections without
+    pred_masks (the meta-architecture must not call the absent stream)."""
+    model = _model(["MODEL.MASK_ON", False])
+    assert model.pixel_stream is None
+    losses = _losses(model, [_sample()])
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    model.eval()
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(2.0)
+        inst = model([{"image": torch.rand(3, 64, 96) * 255}])[0]["instances"]
+    assert len(inst) > 0 and not inst.has("pred_masks") and not inst.has("pred_reps")
+
+
+def test_training_without_instances_and_config_errors():
+    """Training inputs without 'instances', anchors that differ per level and an MBRM kernel
+    other than the authors' 9 taps are errors that say what is wrong."""
+    model = _model()
+    model.train()
+    with pytest.raises(ValueError, match="^RDSNet training needs 'instances' in the inputs$"):
+        with EventStorage(0):
+            model([{"image": torch.rand(3, 64, 64) * 255}])
+    with pytest.raises(ValueError, match=r"RDSNet needs the same number of anchors per level, got"):
+        _model(["MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32, 40], [64], [128], [256]]])
+    with pytest.raises(ValueError, match="KERNEL_SIZE=7"):
+        _model(["MODEL.RDSNET.MBRM.ENABLED", True, "MODEL.RDSNET.MBRM.KERNEL_SIZE", 7])
+
+
+def test_preprocess_normalises_and_pads():
+    """(image - PIXEL_MEAN) / PIXEL_STD per channel, zero padding to a multiple of 32."""
+    model = _model(["MODEL.PIXEL_MEAN", [10.0, 20.0, 30.0], "MODEL.PIXEL_STD", [2.0, 4.0, 8.0]])
+    image = torch.full((3, 40, 50), 50.0)
+    image[1] = 100.0
+    image[2] = 6.0
+    out = model.preprocess_image([{"image": image}])
+    assert out.tensor.shape == (1, 3, 64, 64) and out.image_sizes == [(40, 50)]
+    expected = torch.tensor([(50 - 10) / 2, (100 - 20) / 4, (6 - 30) / 8])
+    assert torch.equal(out.tensor[0, :, :40, :50], expected[:, None, None].expand(3, 40, 50))
+    assert out.tensor[0, :, 40:].abs().sum() == 0 and out.tensor[0, :, :, 50:].abs().sum() == 0
