@@ -52,8 +52,10 @@ timed. Each worker times its own iteration (with CUDA synchronisation on GPU). P
 clean per config: on CUDA `torch.cuda.max_memory_allocated` of the worker since the end of
 warmup; on CPU the worker's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`)
 minus its resident size just before the model was built (model, optimizer state, activations
-and allocator caches). Reported per config: median and mean seconds per iteration, ratio of
-the median to the first config's median, peak memory (MB) and parameter count.
+and allocator caches). Reported per config: median and mean seconds per iteration, the time
+ratio to the first config (the median over the rounds of the per-round ratio: rounds are
+paired samples, so a slow phase that hits one round cancels out), peak memory (MB) and
+parameter count.
 """
 import argparse
 import json
@@ -236,11 +238,24 @@ def run(specs, labels=None, task="eval", size=(800, 1333), batch=1, iters=10, wa
     refused = bool(problems) and not allow_unequal_work
     for r in results:
         r["equal_work_problems"] = problems
-        r["ratio"] = (r["median_s"] / results[0]["median_s"]
+        r["ratio"] = (paired_ratio(r["times_s"], results[0]["times_s"])
                       if results[0]["median_s"] and not refused else None)
         r["flops_ratio"] = (r["gflops"] / results[0]["gflops"]
                             if r["gflops"] and results[0]["gflops"] else None)
     return results
+
+
+def paired_ratio(times, reference_times):
+    """Median over the lock-step rounds of ``times[k] / reference_times[k]``.
+
+    Round k runs every config once, back to back, so a slow phase of a shared machine inflates
+    the times of one round together; the per-round ratio cancels it, where the ratio of the
+    two medians (taken from different rounds) would not.
+    """
+    if len(times) != len(reference_times) or not times:
+        raise BenchmarkError(f"paired ratio needs one time per round for both configs, got "
+                             f"{len(times)} and {len(reference_times)}")
+    return statistics.median(t / r for t, r in zip(times, reference_times))
 
 
 def _mean_or_none(values):

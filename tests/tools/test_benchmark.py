@@ -135,3 +135,18 @@ def test_stages_come_from_the_median_iteration(bench):
     # even count: the lower middle one
     assert bench._median_stages(steps[:2]) == {"backbone": 1.0, "heads": 2.5}
     assert bench._median_stages([{"seconds": 1.0}]) == {}
+
+
+def test_ratio_is_paired_per_round(bench):
+    """The time ratio is the median of per-round ratios: a machine slow in rounds 2 and 3
+    (for both configs alike) does not change it, while the ratio of medians would."""
+    ref = [10.0, 30.0, 30.0, 10.0, 10.0]
+    other = [12.0, 36.0, 36.0, 12.0, 12.0]
+    assert bench.paired_ratio(other, ref) == pytest.approx(1.2)
+    # the slow phase shifted between the two configs: the ratio of medians becomes 3.6
+    shifted = [12.0, 12.0, 36.0, 36.0, 36.0]
+    ref_shifted = [10.0, 30.0, 30.0, 10.0, 10.0]
+    assert bench.paired_ratio(shifted, ref_shifted) == pytest.approx(1.2)
+    assert (sorted(shifted)[2] / sorted(ref_shifted)[2]) == pytest.approx(3.6)
+    with pytest.raises(bench.BenchmarkError, match="one time per round"):
+        bench.paired_ratio([1.0], [1.0, 2.0])
