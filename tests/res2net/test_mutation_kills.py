@@ -152,7 +152,8 @@ def test_build_res2net_defaults_and_errors():
     dcn = tiny(deform_on_per_stage=(False, False, False, True))
     assert dcn.res5[0].convs_offset[0].out_channels == 18  # DCNv1, 1 group by default
     assert torch.count_nonzero(dcn.res5[0].conv3.norm.weight) > 0  # no zero init by default
-    with pytest.raises(ValueError, match=r"MODEL\.RES2NET\.DEFORM_ON_PER_STAGE needs 4 entries"):
+    with pytest.raises(ValueError, match=r"^MODEL\.RES2NET\.DEFORM_ON_PER_STAGE needs 4 entries "
+                                         r"\(res2\.\.res5\), got"):
         tiny(deform_on_per_stage=(True, True))
     with pytest.raises(ValueError, match=r"MODEL\.RES2NET\.STEM_OUT_CHANNELS must be even"):
         tiny(variant="v1b", stem_out_channels=15)
