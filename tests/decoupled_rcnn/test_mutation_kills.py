@@ -232,3 +232,33 @@ def test_config_and_input_errors(make_cfg, fpn_shapes):
     with pytest.raises(ValueError, match=_exact(
             "DecoupledROIHeads requires 'targets' in training")):
         heads(images, {}, ([inst], [inst]), None)
+
+
+# ------------------------------------------------------------------ inference
+def test_soft_nms_split_threshold_reaches_inference(make_cfg, fpn_shapes):
+    """SOFT_NMS_SPLIT_THRESH 1: every candidate set takes the mmcv split path, which keeps the
+    original scores; two class-3 boxes at IoU 90/110 both keep p = softmax(bias)[3] (linear
+    soft-NMS without the quirk would decay the second to p · (1 - 0.818))."""
+    heads = _heads(make_cfg, fpn_shapes, SMALL + [
+        "MODEL.DECOUPLED_RCNN.TEST_NMS_TYPE", "soft_nms_linear",
+        "MODEL.DECOUPLED_RCNN.SOFT_NMS_SPLIT_THRESH", 1])
+    bias = torch.full((K + 1,), -10.0)
+    bias[3], bias[K] = 5.0, 4.0
+    with torch.no_grad():
+        heads.box_predictor.cls_score.weight.zero_()
+        heads.box_predictor.cls_score.bias.copy_(bias)
+        for lin in [heads.box_predictor.bbox_pred] + [q.bbox_pred for q in heads.refine_predictors]:
+            lin.weight.zero_()
+            lin.bias.zero_()
+    e = [math.exp(v) for v in bias.tolist()]
+    p = e[3] / sum(e)
+    boxes = [[100.0, 100, 200, 200], [110, 100, 210, 200]]
+    torch.manual_seed(0)
+    feats = {f"p{i}": torch.randn(1, 8, SIZE[0] // 2 ** i, SIZE[1] // 2 ** i) for i in range(2, 7)}
+    heads.eval()
+    with torch.no_grad():
+        (det,), _ = heads(ImageList(torch.zeros(1, 3, *SIZE), [SIZE]), feats,
+                          [Instances(SIZE, proposal_boxes=Boxes(torch.tensor(boxes)))])
+    assert det.pred_classes.tolist() == [3, 3]
+    assert det.scores.tolist() == pytest.approx([p, p], rel=1e-5)
+    assert det.pred_boxes.tensor.flatten().tolist() == pytest.approx(sum(boxes, []), abs=1e-3)
