@@ -20,6 +20,7 @@ from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 import tsd_tiny
+from tsd_reference import ref_decode, ref_encode, ref_iou, ref_translate, smooth_l1, softmax
 
 K = 3  # foreground classes; background = K
 IMG = (160, 192)  # (h, w)
@@ -27,65 +28,6 @@ GAMMA = 0.1
 
 
 # ---------------------------------------------------------------- independent references
-def _wh(b, legacy):
-    e = 1.0 if legacy else 0.0
-    return b[2] - b[0] + e, b[3] - b[1] + e
-
-
-def ref_encode(p, g, weights, legacy):
-    """R-CNN deltas of box g relative to p (mmdet v1 "+1" widths if legacy), times weights."""
-    pw, ph = _wh(p, legacy)
-    gw, gh = _wh(g, legacy)
-    if legacy:
-        pcx, pcy = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2
-        gcx, gcy = (g[0] + g[2]) / 2, (g[1] + g[3]) / 2
-    else:
-        pcx, pcy, gcx, gcy = p[0] + pw / 2, p[1] + ph / 2, g[0] + gw / 2, g[1] + gh / 2
-    wx, wy, ww, wh = weights
-    return [wx * (gcx - pcx) / pw, wy * (gcy - pcy) / ph, ww * math.log(gw / pw),
-            wh * math.log(gh / ph)]
-
-
-def ref_decode(p, d, weights, legacy):
-    pw, ph = _wh(p, legacy)
-    wx, wy, ww, wh = weights
-    if legacy:
-        cx, cy = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2
-    else:
-        cx, cy = p[0] + pw / 2, p[1] + ph / 2
-    cx, cy = cx + d[0] / wx * pw, cy + d[1] / wy * ph
-    w, h = pw * math.exp(d[2] / ww), ph * math.exp(d[3] / wh)
-    if legacy:
-        return [cx - w / 2 + 0.5, cy - h / 2 + 0.5, cx + w / 2 - 0.5, cy + h / 2 - 0.5]
-    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-
-
-def ref_translate(p, dr, legacy):
-    w, h = _wh(p, legacy)
-    sx, sy = GAMMA * dr[0] * w, GAMMA * dr[1] * h
-    return [p[0] + sx, p[1] + sy, p[2] + sx, p[3] + sy]
-
-
-def ref_iou(a, b, legacy):
-    e = 1.0 if legacy else 0.0
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + e)
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + e)
-    inter = iw * ih
-    aa, ab = _wh(a, legacy), _wh(b, legacy)
-    return inter / (aa[0] * aa[1] + ab[0] * ab[1] - inter)
-
-
-def softmax(v):
-    m = max(v)
-    e = [math.exp(x - m) for x in v]
-    return [x / sum(e) for x in e]
-
-
-def smooth_l1(x, beta=1.0):
-    x = abs(x)
-    return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
-
-
 # ---------------------------------------------------------------- hand-set heads
 def _set(linear, bias):
     with torch.no_grad():
@@ -166,7 +108,7 @@ class TestTSDInference(unittest.TestCase):
         probs = softmax(TSD_LOGITS)
         expected = []
         for p in P:
-            pr = ref_translate(p, DR, legacy)
+            pr = ref_translate(p, DR, GAMMA, legacy)
             for c in range(K):
                 box = ref_decode(pr, TSD_DELTAS[c], W, legacy)
                 box = [min(max(box[0], 0), IMG[1]), min(max(box[1], 0), IMG[0]),
@@ -224,7 +166,7 @@ class TestTSDTrainingLosses(unittest.TestCase):
                 continue
             num_fg += 1
             t = ref_encode(p, self.G, W, legacy)
-            pr = ref_translate(p, DR, legacy)
+            pr = ref_translate(p, DR, GAMMA, legacy)
             t_tsd = ref_encode(pr, self.G, W, legacy)
             # t_TSD = t − (γ/σ)·ΔR on (dx, dy), exact in both conventions
             for a, b, dr in zip(t_tsd[:2], t[:2], DR):
@@ -310,7 +252,7 @@ class TestTSDMask(unittest.TestCase):
             det, _ = heads(images(), features(), proposals(P))
         torch.testing.assert_close(seen[1], det[0].pred_boxes.tensor)
         self.assertEqual(tuple(det[0].pred_masks.shape[1:]), (1, 28, 28))
-        box = ref_decode(ref_translate(P[0], DR, False), TSD_DELTAS[0], W, False)
+        box = ref_decode(ref_translate(P[0], DR, GAMMA, False), TSD_DELTAS[0], W, False)
         self.assertTrue(((seen[1] - torch.tensor(box)).abs().max(dim=1).values < 1e-3).any())
 
 
@@ -336,7 +278,7 @@ class TestTSDCascadeInference(unittest.TestCase):
                 det, _ = heads(images(), features(), proposals([p]))
             box = p
             for s in range(3):  # every class has the same deltas: any class choice agrees
-                box = ref_decode(ref_translate(box, self.STAGE_DR[s], legacy),
+                box = ref_decode(ref_translate(box, self.STAGE_DR[s], GAMMA, legacy),
                                  self.STAGE_DELTA[s], self.STAGE_W[s], legacy)
             mean = [sum(v) / 3 for v in zip(*self.STAGE_LOGITS)]
             probs = softmax(mean)

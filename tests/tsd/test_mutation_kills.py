@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 import tsd_tiny
+from tsd_reference import ref_decode, ref_encode, ref_iou, ref_translate, smooth_l1, softmax
 from tsd.geometry import LegacyBox2BoxTransform, aligned_iou, translate_boxes
 from tsd.head import TSDHead, TSDOffsetGenerator
 from tsd.losses import pc_loc_loss
@@ -27,55 +28,6 @@ W = (10.0, 10.0, 5.0, 5.0)
 
 
 # ---------------------------------------------------------------- independent references
-def _wh(b, legacy):
-    e = 1.0 if legacy else 0.0
-    return b[2] - b[0] + e, b[3] - b[1] + e
-
-
-def ref_encode(p, g, weights, legacy):
-    pw, ph = _wh(p, legacy)
-    gw, gh = _wh(g, legacy)
-    pcx, pcy, gcx, gcy = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2, (g[0] + g[2]) / 2, (g[1] + g[3]) / 2
-    wx, wy, ww, wh = weights
-    return [wx * (gcx - pcx) / pw, wy * (gcy - pcy) / ph, ww * math.log(gw / pw),
-            wh * math.log(gh / ph)]
-
-
-def ref_decode(p, d, weights, legacy):
-    pw, ph = _wh(p, legacy)
-    wx, wy, ww, wh = weights
-    cx, cy = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2
-    cx, cy = cx + d[0] / wx * pw, cy + d[1] / wy * ph
-    w, h = pw * math.exp(d[2] / ww), ph * math.exp(d[3] / wh)
-    e = 0.5 if legacy else 0.0
-    return [cx - w / 2 + e, cy - h / 2 + e, cx + w / 2 - e, cy + h / 2 - e]
-
-
-def ref_translate(p, dr, gamma, legacy):
-    w, h = _wh(p, legacy)
-    sx, sy = gamma * dr[0] * w, gamma * dr[1] * h
-    return [p[0] + sx, p[1] + sy, p[2] + sx, p[3] + sy]
-
-
-def ref_iou(a, b, legacy):
-    e = 1.0 if legacy else 0.0
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + e)
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + e)
-    inter = iw * ih
-    aa, ab = _wh(a, legacy), _wh(b, legacy)
-    return inter / (aa[0] * aa[1] + ab[0] * ab[1] - inter)
-
-
-def softmax(v):
-    e = [math.exp(x - max(v)) for x in v]
-    return [x / sum(e) for x in e]
-
-
-def smooth_l1(x, beta=1.0):
-    x = abs(x)
-    return 0.5 * x * x / beta if x < beta else x - 0.5 * beta
-
-
 def _c_round(v):
     return math.copysign(math.floor(abs(v) + 0.5), v)
 
