@@ -96,3 +96,19 @@ def r50_heads():
         torch.manual_seed(0)
         _R50_HEADS["heads"] = build_roi_heads(cfg, shapes)
     return _R50_HEADS["heads"]
+
+
+def proposals(boxes, image_size):
+    """One image's ``Instances`` with ``proposal_boxes`` (zero objectness) at ``image_size``."""
+    inst = Instances(image_size)
+    inst.proposal_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.objectness_logits = torch.zeros(len(boxes))
+    return [inst]
+
+
+def targets(boxes, classes, image_size):
+    """One image's ground truth ``Instances`` (``gt_boxes``, ``gt_classes``) at ``image_size``."""
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return [inst]

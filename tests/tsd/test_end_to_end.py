@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import build_roi_heads
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, Boxes, ImageList
 from detectron2.utils.events import EventStorage
 
 import tsd_tiny
@@ -70,17 +70,11 @@ def images():
 
 
 def proposals(boxes):
-    inst = Instances(IMG)
-    inst.proposal_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
-    inst.objectness_logits = torch.zeros(len(boxes))
-    return [inst]
+    return tsd_tiny.proposals(boxes, IMG)
 
 
 def targets(boxes, classes):
-    inst = Instances(IMG)
-    inst.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return [inst]
+    return tsd_tiny.targets(boxes, classes, IMG)
 
 
 # hand-set constants (class-specific deltas: 4 per foreground class)
