@@ -262,25 +262,25 @@ def _mean_or_none(values):
     return statistics.fmean(values) if values else None
 
 
-def _median_iteration_seconds(step_messages):
-    """Total seconds of the iteration `_median_stages` reports (None when not measured)."""
-    timed = sorted((m["seconds"] for m in step_messages if m.get("stages")))
+def _median_iteration(step_messages):
+    """The timed iteration whose total time is the median (the lower middle one for an even
+    count), or None when no stages were measured. Its stages are reported whole, so that they
+    and the "rest" add up to that iteration's time; per-stage medians taken over different
+    iterations would not."""
+    timed = sorted((m for m in step_messages if m.get("stages")), key=lambda m: m["seconds"])
     return timed[(len(timed) - 1) // 2] if timed else None
 
 
-def _median_stages(step_messages):
-    """Stage seconds of the median iteration ({} when not measured).
+def _median_iteration_seconds(step_messages):
+    """Total seconds of the iteration `_median_stages` reports (None when not measured)."""
+    middle = _median_iteration(step_messages)
+    return middle["seconds"] if middle else None
 
-    The iteration whose total time is the median (the lower middle one for an even count) is
-    reported whole, so that its stages and the "rest" add up to that iteration's time;
-    per-stage medians taken over different iterations would not.
-    """
-    timed = [m for m in step_messages if m.get("stages")]
-    if not timed:
-        return {}
-    ordered = sorted(timed, key=lambda m: m["seconds"])
-    middle = ordered[(len(ordered) - 1) // 2]
-    return dict(sorted(middle["stages"].items()))
+
+def _median_stages(step_messages):
+    """Stage seconds of the median iteration ({} when not measured)."""
+    middle = _median_iteration(step_messages)
+    return dict(sorted(middle["stages"].items())) if middle else {}
 
 
 def equal_work_problems(results, task):
